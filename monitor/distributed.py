@@ -1,0 +1,250 @@
+"""Everything that talks to ``torch.distributed``: the only module that imports it.
+
+Three jobs:
+
+* :func:`detect_world` reads who this process is (process group first, then the
+  ``torchrun`` environment variables: the one place environment variables are read).
+* :class:`Participation` learns, *without a collective*, whether every rank built a
+  monitor: each rank publishes a key in the default group's store at construction; at the
+  first flush rank 0 waits (bounded) for all keys and publishes one decision that every rank
+  reads. A monitor built on rank 0 alone therefore never issues a collective nobody answers.
+* :class:`Reducer` reduces packed statistic rows with a constant number of collectives:
+  a fixed-size int64 header (MAX), then one MAX buffer and one SUM buffer; when ranks'
+  metric sets differ, the union is reduced with two ``all_gather`` calls instead, so a
+  flush never costs more than 3 collectives. ``ReduceOp.AVG``/``PREMUL_SUM`` are never used
+  (gloo lacks them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from monitor import stats
+
+SINGLE_PROCESS = "single_process"
+ALL_RANKS = "all_ranks"
+RANK0_ONLY = "rank0_only"
+NO_PROCESS_GROUP = "no_process_group"
+PARTICIPATION_MODES = ("auto", "all", "local")
+DEFAULT_PARTICIPATION_TIMEOUT_S = 10.0
+_TIMEOUT_ENV = "MONITOR_PARTICIPATION_TIMEOUT"
+_POLL_S = 0.02
+
+
+class RankMismatchError(RuntimeError):
+    """Ranks reached a flush in disagreement (different steps or modes): nothing was reduced."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorldInfo:
+    """Who this process is. ``initialized`` is True when a process group is up."""
+
+    rank: int
+    world_size: int
+    backend: str | None
+    initialized: bool
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+
+def detect_world() -> WorldInfo:
+    """The process group if one is initialised, else ``RANK``/``WORLD_SIZE`` from torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return WorldInfo(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()), True)
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return WorldInfo(rank, world_size, None, False)
+
+
+def participation_timeout(value: float | None) -> float:
+    """The bounded wait for other ranks: ``value``, else $MONITOR_PARTICIPATION_TIMEOUT, else 10 s."""
+    if value is None:
+        value = float(os.environ.get(_TIMEOUT_ENV, DEFAULT_PARTICIPATION_TIMEOUT_S))
+    if not value > 0:
+        raise ValueError(f"participation_timeout must be > 0 seconds, got {value}")
+    return float(value)
+
+
+def reduction_device() -> torch.device:
+    """Where flush buffers live: the current CUDA device under NCCL, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Participation:
+    """Decides once, without a collective, whose statistics a flush reduces.
+
+    Args:
+        world: this process.
+        key: a name identical on every rank for this monitor (run id + construction order).
+        mode: ``"auto"`` (detect through the store), ``"all"`` (every rank built it: skip the
+            wait) or ``"local"`` (never communicate; rank 0 writes its own statistics).
+        timeout: seconds rank 0 waits for the other ranks' keys.
+    """
+
+    def __init__(self, world: WorldInfo, key: str, mode: str, timeout: float) -> None:
+        if mode not in PARTICIPATION_MODES:
+            raise ValueError(f"participation must be one of {PARTICIPATION_MODES}, got {mode!r}")
+        self._world, self.mode, self._timeout = world, mode, timeout
+        self._prefix = f"monitor/participation/{key}"
+        self.reason = "one process" if world.world_size <= 1 else ""
+        self.decision: str | None = self._immediate_decision()
+        if self.decision is None and mode == "auto":
+            self._store = dist.distributed_c10d._get_default_store()
+            self._store.set(f"{self._prefix}/present/{world.rank}", "1")
+
+    def _immediate_decision(self) -> str | None:
+        w = self._world
+        if w.world_size <= 1:
+            return SINGLE_PROCESS
+        if not w.initialized:
+            self.reason = "torchrun environment without an initialised process group"
+            return NO_PROCESS_GROUP
+        if self.mode == "local":
+            self.reason = "participation='local'"
+            return RANK0_ONLY
+        if self.mode == "all":
+            self.reason = "participation='all'"
+            return ALL_RANKS
+        return None
+
+    def decide(self) -> str:
+        """The decision, waiting (bounded) the first time only."""
+        if self.decision is None:
+            self.decision = self._decide_as_rank0() if self._world.rank == 0 else self._follow()
+        return self.decision
+
+    def _decide_as_rank0(self) -> str:
+        keys = [f"{self._prefix}/present/{r}" for r in range(1, self._world.world_size)]
+        present = _poll(self._store, keys, self._timeout)
+        if present:
+            decision, self.reason = ALL_RANKS, "every rank built a monitor"
+        else:
+            decision = RANK0_ONLY
+            self.reason = (
+                f"not every rank built a monitor within {self._timeout:g} s: statistics are "
+                "rank 0's own (set participation_timeout or $MONITOR_PARTICIPATION_TIMEOUT "
+                "to wait longer)"
+            )
+        self._store.set(f"{self._prefix}/decision", decision)
+        return decision
+
+    def _follow(self) -> str:
+        key = f"{self._prefix}/decision"
+        if _poll(self._store, [key], 2 * self._timeout + 30.0):
+            decision = self._store.get(key).decode()
+        else:
+            decision = RANK0_ONLY
+        if decision != ALL_RANKS:
+            self.reason = "rank 0 reduces its own statistics only"
+            warnings.warn(
+                f"monitor on rank {self._world.rank}: {self.reason}; this rank's values are "
+                "not reduced and it writes nothing",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        else:
+            self.reason = "every rank built a monitor"
+        return decision
+
+
+def _poll(store, keys: list[str], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if store.check(keys):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_S)
+
+
+def _code(text: str, nbytes: int = 7) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=nbytes).digest(), "big")
+
+
+Layout = dict[str, list[str]]
+
+
+class Reducer:
+    """Reduces packed rows across the participating ranks (or returns them as they are).
+
+    ``reduce`` takes ``layout`` (group -> ordered metric names; every rank must pass the
+    groups in the same order) and ``rows`` (their local rows, concatenated) and returns the
+    layout actually reduced (the union over ranks) with the reduced rows on the host.
+    """
+
+    HEADER = ("step", "-step", "mode", "-mode", "schema", "-schema", "rows", "-rows", "blob")
+
+    def __init__(self, collective: bool, device: torch.device) -> None:
+        self.collective = collective
+        self.device = device
+
+    def reduce(self, layout: Layout, rows: torch.Tensor, step: int, mode: str):
+        if not self.collective:
+            return layout, rows.cpu()  # host sync: once per flush
+        blob = json.dumps(layout, separators=(",", ":")).encode()
+        num = rows.shape[0]
+        mine = [step, -step, _code(mode), -_code(mode), _code(blob.decode()), 0, num, -num, len(blob)]
+        mine[5] = -mine[4]
+        header = torch.tensor(mine, dtype=torch.int64, device=self.device)
+        dist.all_reduce(header, op=dist.ReduceOp.MAX)
+        h = dict(zip(self.HEADER, header.tolist()))  # host sync: once per flush (header)
+        if h["step"] != -h["-step"] or h["mode"] != -h["-mode"]:
+            raise RankMismatchError(
+                f"monitor: ranks disagree at a flush (this rank: step {step}, mode {mode!r}; "
+                f"steps seen across ranks range {-h['-step']}..{h['step']}, "
+                f"modes {'agree' if h['mode'] == -h['-mode'] else 'differ'}). Every rank must "
+                "call step()/log_step() with the same step numbers; nothing was reduced."
+            )
+        if h["schema"] == -h["-schema"] and h["rows"] == -h["-rows"]:
+            return layout, self._reduce_same_schema(rows)
+        return self._reduce_union(layout, rows, blob, h["rows"], h["blob"])
+
+    def _reduce_same_schema(self, rows: torch.Tensor) -> torch.Tensor:
+        n = rows.shape[0]
+        extremes = torch.cat([rows[:, stats.MAX], -rows[:, stats.MIN]])
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+        hi, lo = extremes[:n], -extremes[n:]
+        shift = stats.midrange_shift(lo, hi)
+        sums = stats.shifted_sums(rows, shift).contiguous()
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        return stats.rows_from_sums(sums, shift, lo, hi).cpu()  # host sync: results
+
+    def _reduce_union(self, layout: Layout, rows: torch.Tensor, blob: bytes, max_rows: int,
+                      max_blob: int):
+        world = dist.get_world_size()
+        padded_blob = torch.zeros(max_blob, dtype=torch.uint8, device=self.device)
+        padded_blob[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        blobs = [torch.empty_like(padded_blob) for _ in range(world)]
+        dist.all_gather(blobs, padded_blob)
+        padded_rows = stats.empty_rows(max_rows, self.device)
+        padded_rows[: rows.shape[0]] = rows
+        gathered = [torch.empty_like(padded_rows) for _ in range(world)]
+        dist.all_gather(gathered, padded_rows)
+        layouts = [json.loads(bytes(b.cpu().numpy()).rstrip(b"\0")) for b in blobs]
+        groups = sorted({g for lay in layouts for g in lay})
+        union = {g: sorted({n for lay in layouts for n in lay.get(g, [])}) for g in groups}
+        position = {(g, n): i for i, (g, n) in enumerate(_flat(union))}
+        total = stats.empty_rows(len(position), "cpu")
+        for lay, their_rows in zip(layouts, gathered):
+            keys = _flat(lay)
+            idx = torch.tensor([position[k] for k in keys], dtype=torch.long)
+            placed = stats.empty_rows(len(position), "cpu")
+            placed[idx] = their_rows[: len(keys)].cpu()
+            total = stats.combine(total, placed)
+        return union, total
+
+
+def _flat(layout: Layout) -> list[tuple[str, str]]:
+    return [(g, n) for g, names in layout.items() for n in names]

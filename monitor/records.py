@@ -1,0 +1,105 @@
+"""Turning reduced rows into the JSON objects the log tree holds (host-side, after a flush).
+
+Every reduced value is written as the same object::
+
+    {"mean": 0.71, "std": 0.05, "min": 0.62, "max": 0.80, "count": 202, "nonfinite": 0}
+
+``std`` is the population standard deviation of the finite values, ``count`` their number,
+``nonfinite`` the number of NaN/Inf values seen (kept out of the other fields). With
+``count == 0`` the four moments are ``null``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+
+from monitor import stats
+
+SCHEMA_VERSION = 1
+
+
+def value_stats(row) -> dict:
+    """The JSON object for one reduced row (a sequence of 6 host floats)."""
+    count = int(row[stats.COUNT])
+    nonfinite = int(row[stats.NONFINITE])
+    if count == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "count": 0,
+                "nonfinite": nonfinite}
+    var = max(row[stats.M2] / count, 0.0)
+    return {
+        "mean": _finite_or_none(row[stats.MEAN]),
+        "std": _finite_or_none(math.sqrt(var)),
+        "min": _finite_or_none(row[stats.MIN]),
+        "max": _finite_or_none(row[stats.MAX]),
+        "count": count,
+        "nonfinite": nonfinite,
+    }
+
+
+def _finite_or_none(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def metrics_of(names: Iterable[str], rows) -> dict[str, dict]:
+    """``{name: value_stats}`` for the names that saw anything (finite or not)."""
+    out = {}
+    for name, row in zip(names, rows):
+        if row[stats.COUNT] > 0 or row[stats.NONFINITE] > 0:
+            out[name] = value_stats(row)
+    return out
+
+
+def record(step: int, mode: str | None, world_size: int, metrics: dict, **extra) -> dict:
+    """One JSONL record: step, mode (when it applies), wall time, world size, metrics."""
+    rec: dict = {"step": step}
+    if mode is not None:
+        rec["mode"] = mode
+    rec.update(time=time.time(), world_size=world_size, **extra, metrics=metrics)
+    return rec
+
+
+class SummaryTracker:
+    """Per mode and metric: first, last, min and max of the flushed means.
+
+    Also counts records and remembers the last step, for ``*_summary.json``.
+    """
+
+    def __init__(self) -> None:
+        self.modes: dict[str, dict[str, dict]] = {}
+        self.records_written = 0
+        self.last_step: int | None = None
+
+    def add(self, step: int, mode: str, metrics: dict[str, dict]) -> None:
+        self.records_written += 1
+        self.last_step = step if self.last_step is None else max(self.last_step, step)
+        table = self.modes.setdefault(mode, {})
+        for name, value in metrics.items():
+            mean = value["mean"]
+            entry = table.get(name)
+            if entry is None:
+                entry = table[name] = {"first": None, "last": None, "min": None, "max": None,
+                                       "first_step": step, "last_step": step, "records": 0}
+            entry["records"] += 1
+            entry["last_step"] = step
+            if mean is None:
+                continue
+            if entry["first"] is None:
+                entry["first"] = mean
+            entry["last"] = mean
+            entry["min"] = mean if entry["min"] is None else min(entry["min"], mean)
+            entry["max"] = mean if entry["max"] is None else max(entry["max"], mean)
+
+    def to_dict(self, run_id: str, start_time: float, status: str) -> dict:
+        return {
+            "run_id": run_id,
+            "status": status,
+            "records_written": self.records_written,
+            "last_step": self.last_step,
+            "start_time": start_time,
+            "wall_time_s": time.time() - start_time,
+            "schema_version": SCHEMA_VERSION,
+            "metrics": self.modes,
+        }

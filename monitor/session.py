@@ -1,0 +1,183 @@
+"""The run a monitor belongs to: who writes, who takes part, the reducer and the meta file.
+
+One :class:`MonitorSession` per run folder and process. ``Monitor`` (training metrics) builds
+its own; the CogVLA facade shares one between the training monitor and its observers so
+that everything due at a step goes through one fused reduction.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import socket
+import time
+import warnings
+from collections.abc import Mapping
+from itertools import count
+from pathlib import Path
+
+import torch
+
+from monitor import distributed, records
+from monitor._version import __version__
+from monitor.sinks import NullRunFiles, RunFiles
+
+_session_numbers: dict[str, count] = {}
+
+
+def validate_run_id(run_id: object) -> str:
+    """A run id is a single, non-empty path component."""
+    if not isinstance(run_id, str) or not run_id.strip():
+        raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
+    if "/" in run_id or "\\" in run_id or os.sep in run_id or run_id in (".", "..") or ".." in run_id:
+        raise ValueError(f"run_id must not contain a path separator or '..', got {run_id!r}")
+    return run_id
+
+
+class MonitorSession:
+    """Shared state of one monitored run in this process.
+
+    Args:
+        run_dir: the run's own folder (``runs/{run_id}``); created on rank 0.
+        run_id: names the files; a single path component.
+        config_name: free text written to meta (e.g. the dataset name).
+        config: a mapping (or dataclass) written to meta as the monitor's configuration.
+        participation: ``"auto"`` (detect whether every rank built a monitor through the
+            default group's store, with a bounded wait at the first flush), ``"all"`` or
+            ``"local"``.
+        participation_timeout: seconds of that wait (default 10, or
+            ``$MONITOR_PARTICIPATION_TIMEOUT``).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        run_id: str,
+        *,
+        config_name: str | None = None,
+        config: Mapping | None = None,
+        participation: str = "auto",
+        participation_timeout: float | None = None,
+    ) -> None:
+        if not isinstance(run_dir, (str, os.PathLike)):
+            raise TypeError(f"run_dir must be a str or os.PathLike, got {type(run_dir).__name__}")
+        self.run_id = validate_run_id(run_id)
+        self.run_dir = Path(run_dir)
+        self.world = distributed.detect_world()
+        timeout = distributed.participation_timeout(participation_timeout)
+        number = next(_session_numbers.setdefault(run_id, count()))
+        self.participation = distributed.Participation(
+            self.world, f"{run_id}/{number}", participation, timeout
+        )
+        self.files = RunFiles(self.run_dir) if self.world.is_writer else NullRunFiles(self.run_dir)
+        self.start_time = time.time()
+        self._reducer: distributed.Reducer | None = None
+        if self.participation.decision == distributed.NO_PROCESS_GROUP:
+            warnings.warn(
+                f"monitor: RANK={self.world.rank} of WORLD_SIZE={self.world.world_size} but no "
+                "process group is initialised: statistics are this process's own and only "
+                "RANK 0 writes files",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.meta_path = f"monitor_logs/{run_id}_meta.json"
+        self.meta = self._initial_meta(config_name, config)
+        self.files.write_json(self.meta_path, self.meta)
+
+    @property
+    def world_size(self) -> int:
+        return self.world.world_size
+
+    @property
+    def device(self) -> torch.device:
+        """Where flush buffers are packed."""
+        return distributed.reduction_device()
+
+    def reducer(self) -> distributed.Reducer | None:
+        """The reducer once participation is decided; None where this rank's values go nowhere."""
+        if self._reducer is None:
+            decision = self.participation.decide()
+            self._record_participation()
+            collective = decision == distributed.ALL_RANKS
+            if not collective and not self.world.is_writer:
+                return None
+            self._reducer = distributed.Reducer(collective, self.device)
+        return self._reducer
+
+    def reduce(self, layout: dict[str, list[str]], rows: torch.Tensor, step: int, mode: str):
+        """Reduce packed rows; returns ``{group: (names, host rows as lists)}`` or None."""
+        reducer = self.reducer()
+        if reducer is None:
+            return None
+        union, reduced = reducer.reduce(layout, rows, step, mode)
+        host = reduced.tolist()
+        out, start = {}, 0
+        for group, names in union.items():
+            out[group] = (names, host[start : start + len(names)])
+            start += len(names)
+        return out
+
+    def update_meta(self, **fields) -> None:
+        self.meta.update(fields)
+        self.files.write_json(self.meta_path, self.meta)
+
+    def _record_participation(self) -> None:
+        if self.meta["participation"]["decision"] != self.participation.decision:
+            self.meta["participation"] = self._participation_meta()
+            self.files.write_json(self.meta_path, self.meta)
+
+    def _participation_meta(self) -> dict:
+        decision = self.participation.decision
+        part = {"requested": self.participation.mode, "decision": decision,
+                "reason": self.participation.reason}
+        if decision is None:
+            part.update(decision="pending", statistics="pending (decided at the first flush)")
+        elif decision in (distributed.ALL_RANKS, distributed.SINGLE_PROCESS):
+            part.update(statistics="global", contributing_ranks=list(range(self.world_size)))
+        else:
+            part.update(statistics="local", contributing_ranks=[0])
+        return part
+
+    def _initial_meta(self, config_name, config) -> dict:
+        previous = self.files.read_json(self.meta_path)
+        segments = list(previous.get("segments", [])) if previous else []
+        segments.append({"start_time": self.start_time, "pid": os.getpid()})
+        return {
+            "run_id": self.run_id,
+            "config_name": config_name,
+            "config": _plain(config),
+            "versions": {"monitor": __version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "world_size": self.world.world_size,
+            "backend": self.world.backend,
+            "participation": self._participation_meta(),
+            "host": socket.gethostname(),
+            "start_time": self.start_time,
+            "schema_version": records.SCHEMA_VERSION,
+            "resumed": previous is not None,
+            "segments": segments,
+        }
+
+
+def _plain(config) -> dict | None:
+    """A JSON-able copy of a config mapping or dataclass (unknown values as their repr)."""
+    if config is None:
+        return None
+    if hasattr(config, "__dataclass_fields__"):
+        config = {f: getattr(config, f) for f in config.__dataclass_fields__}
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping or a dataclass, got {type(config).__name__}")
+    return {str(k): _jsonable(v) for k, v in config.items()}
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)

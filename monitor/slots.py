@@ -1,0 +1,190 @@
+"""Named statistic slots, accumulated in place on the device of the values they receive.
+
+``StatSlots`` holds one row (see :mod:`monitor.stats`) per metric name and per device that
+has fed it. Python numbers and numpy values are accumulated on the CPU and never touch an
+accelerator; tensors are accumulated on their own device with in-place tensor ops, so no
+update ever waits for the device (no ``.item()``, no ``.cpu()``, no host-to-device copy).
+At a flush, :meth:`StatSlots.local_rows` folds every device's rows into one matrix on the
+reduction device; :meth:`StatSlots.reset` empties them without freeing memory.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from monitor import stats
+
+_CPU = torch.device("cpu")
+_MAX_CACHED_INDEXES = 64
+
+
+def _host_number(name: str, value: object) -> float | None:
+    """``value`` as a float if it is a host-side number, None if it is a tensor/array."""
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, np.ndarray):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        _check_numpy_dtype(name, value.dtype)
+        return float(value)
+    if isinstance(value, (numbers.Complex, np.complexfloating)):
+        raise TypeError(f"metric {name!r}: complex values are not supported, got {value!r}")
+    return None
+
+
+def _check_numpy_dtype(name: str, dtype: np.dtype) -> None:
+    if dtype.kind not in "biuf":
+        raise TypeError(
+            f"metric {name!r}: expected a real numeric array, got numpy dtype {dtype}"
+        )
+
+
+def as_samples(name: str, value: object) -> float | torch.Tensor | None:
+    """Normalise one logged value: a float, a tensor of samples, or None (nothing to log).
+
+    Raises:
+        TypeError: ``value`` is not a real number, numpy value or tensor.
+    """
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            raise TypeError(f"metric {name!r}: complex tensors are not supported ({value.dtype})")
+        return value.detach() if value.numel() else None
+    number = _host_number(name, value)
+    if number is not None:
+        return number
+    if isinstance(value, np.ndarray):
+        _check_numpy_dtype(name, value.dtype)
+        return torch.from_numpy(np.asarray(value, dtype=np.float64)) if value.size else None
+    raise TypeError(
+        f"metric {name!r}: expected a number, numpy value or torch.Tensor, "
+        f"got {type(value).__name__}"
+    )
+
+
+class StatSlots:
+    """Rows of statistics under fixed names, one accumulator tensor per device.
+
+    Names are declared up front (:meth:`declare`); updating an undeclared name raises, so
+    a hook can never create a slot that other ranks lack.
+    """
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self._index: dict[str, int] = {}
+        self._acc: dict[torch.device, torch.Tensor] = {}
+        self._index_cache: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
+        self.declare(names)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def declare(self, names: Iterable[str]) -> None:
+        """Add slots for ``names`` that do not exist yet (host-side bookkeeping only)."""
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"metric names must be non-empty strings, got {name!r}")
+            self._index.setdefault(name, len(self._index))
+
+    def update(self, values: Mapping[str, float | torch.Tensor]) -> None:
+        """Fold normalised values (see :func:`as_samples`) into their slots.
+
+        Scalars that share a device are folded in one batched update; each n-d tensor is
+        one sample set (every element a sample).
+        """
+        scalars: dict[torch.device, tuple[list[int], list]] = {}
+        for name, value in values.items():
+            row = self._row(name)
+            if isinstance(value, float):
+                idx, vals = scalars.setdefault(_CPU, ([], []))
+                idx.append(row)
+                vals.append(value)
+            elif value.dim() == 0:
+                idx, vals = scalars.setdefault(value.device, ([], []))
+                idx.append(row)
+                vals.append(value)
+            else:
+                stats.combine_into_(self._acc_on(value.device), row, stats.row_of_samples(value))
+        for device, (idx, vals) in scalars.items():
+            if all(isinstance(v, float) for v in vals):
+                batch = torch.tensor(vals, dtype=stats.DTYPE)
+            else:
+                batch = torch.stack([torch.as_tensor(v, dtype=stats.DTYPE) for v in vals])
+            self._fold_scalars(device, idx, batch)
+
+    def update_samples(self, name: str, samples: torch.Tensor) -> None:
+        """Fold every element of ``samples`` into slot ``name`` (used by observers' hooks)."""
+        if samples.numel():
+            row = self._row(name)
+            stats.combine_into_(self._acc_on(samples.device), row, stats.row_of_samples(samples))
+
+    def local_rows(self, order: list[str], device: torch.device) -> torch.Tensor:
+        """This process's rows for ``order`` (names it lacks stay empty), on ``device``."""
+        out = stats.empty_rows(len(order), device)
+        present = [(pos, self._index[n]) for pos, n in enumerate(order) if n in self._index]
+        if not present:
+            return out
+        pos = torch.tensor([p for p, _ in present], device=device)
+        src = [r for _, r in present]
+        for acc_device in list(self._acc):
+            acc = self._acc_on(acc_device)
+            picked = acc.index_select(0, torch.tensor(src, device=acc_device)).to(device)
+            out.index_copy_(0, pos, stats.combine(out.index_select(0, pos), picked))
+        return out
+
+    def reset(self) -> None:
+        """Empty every slot in place (memory stays allocated: flat across steps)."""
+        for acc in self._acc.values():
+            stats.reset_rows_(acc)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _row(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f"metric {name!r} was not declared; declared: {self.names}") from None
+
+    def _acc_on(self, device: torch.device) -> torch.Tensor:
+        acc = self._acc.get(device)
+        needed = len(self._index)
+        if acc is None or acc.shape[0] < needed:
+            old = 0 if acc is None else acc.shape[0]
+            grown = stats.empty_rows(max(needed, 2 * old), device)
+            if acc is not None:
+                grown[:old].copy_(acc)
+            self._acc[device] = acc = grown
+        return acc
+
+    def _fold_scalars(self, device: torch.device, idx: list[int], batch: torch.Tensor) -> None:
+        acc = self._acc_on(device)
+        rows = stats.rows_of_scalars(batch.to(device, non_blocking=True))
+        start = idx[0]
+        if idx == list(range(start, start + len(idx))):
+            block = acc[start : start + len(idx)]
+            block.copy_(stats.combine(block, rows))
+        else:
+            stats.combine_into_(acc, self._index_on(device, tuple(idx)), rows)
+
+    def _index_on(self, device: torch.device, idx: tuple[int, ...]) -> torch.Tensor:
+        key = (device, idx)
+        cached = self._index_cache.get(key)
+        if cached is None:
+            if len(self._index_cache) >= _MAX_CACHED_INDEXES:
+                self._index_cache.clear()
+            host = torch.tensor(idx, dtype=torch.long)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            cached = self._index_cache[key] = host.to(device, non_blocking=True)
+        return cached

@@ -1,0 +1,241 @@
+"""``Monitor``: training scalars (loss, lr, extras) reduced across ranks at an interval.
+
+Usage::
+
+    mon = Monitor(run_dir="runs/exp1", run_id="exp1", log_interval=100)
+    for step in range(num_steps):
+        ...
+        with mon.step(step, mode="train") as h:
+            h.log(loss=loss.detach(), lr=scheduler.get_last_lr()[0], extra={"l1": l1})
+    mon.finalize()
+
+``log`` never waits for the device: tensors stay on their device, Python numbers on the
+host, until the flush. The record labelled ``s`` holds every value logged since the
+previous record at steps up to and including ``s``; it is written at the exit of step
+``s``'s context (or at the first call with a later step when ``s`` had no context), and
+``finalize()`` writes whatever is pending. ``mode="eval"``/``"val"``/``"test"`` contexts
+write one record at every exit.
+
+Keys emitted in ``monitor_logs/{run_id}.jsonl`` (``metrics`` object):
+
+=====================  ===========================================================
+key                    value
+=====================  ===========================================================
+each ``log`` keyword   ``{"mean", "std", "min", "max", "count", "nonfinite"}``
+each ``extra`` key     same object
+=====================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+
+from monitor.records import SummaryTracker, metrics_of, record
+from monitor.schedule import IntervalSchedule, check_step
+from monitor.session import MonitorSession
+from monitor.slots import StatSlots, as_samples
+
+MODES = ("train", "eval", "val", "test")
+
+
+class StepHandle:
+    """What ``Monitor.step`` yields: ``log()`` adds values to the current step."""
+
+    def __init__(self, monitor: Monitor, step: int, mode: str) -> None:
+        self._monitor, self.step, self.mode = monitor, step, mode
+        self._open = True
+
+    def log(self, extra: Mapping[str, object] | None = None, **metrics: object) -> None:
+        """Log metrics: each keyword and each key of ``extra`` is one metric.
+
+        Values may be Python or numpy numbers, numpy arrays or tensors of any real dtype
+        (every element of an n-d value is one sample). ``None`` values are skipped.
+
+        Raises:
+            TypeError: a value is not real-numeric, or ``extra`` is not a mapping.
+            ValueError: a name is given both as a keyword and in ``extra``.
+            RuntimeError: the step context has already ended.
+        """
+        if not self._open:
+            raise RuntimeError(f"log() called after the context of step {self.step} ended")
+        if extra is not None:
+            if not isinstance(extra, Mapping):
+                raise TypeError(f"extra must be a mapping or None, got {type(extra).__name__}")
+            clash = sorted(set(extra) & set(metrics))
+            if clash:
+                raise ValueError(f"metric(s) {clash} given both as keyword and in extra")
+            metrics = {**metrics, **extra}
+        values = {}
+        for name, value in metrics.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"metric names must be non-empty strings, got {name!r}")
+            sample = as_samples(name, value)
+            if sample is not None:
+                values[name] = sample
+        self._monitor._add(self.mode, values)
+
+
+class Monitor:
+    """Training metrics of one run, reduced over every participating rank.
+
+    Args:
+        run_dir: the run's own folder (``runs/{run_id}``); files go to ``monitor_logs/``.
+        run_id: names the files; a single path component.
+        config_name: free text stored in meta (e.g. the dataset).
+        log_interval: a train record is due each time the step reaches a new multiple.
+        config: extra configuration to store in meta.
+        participation: ``"auto"``, ``"all"`` or ``"local"`` (see ``MonitorSession``).
+        participation_timeout: bounded wait, in seconds, for the other ranks' monitors.
+        session: share an existing session (the CogVLA facade does); then the run and
+            participation arguments above are taken from it.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike | None = None,
+        run_id: str | None = None,
+        config_name: str | None = None,
+        log_interval: int = 100,
+        *,
+        config: Mapping | None = None,
+        participation: str = "auto",
+        participation_timeout: float | None = None,
+        session: MonitorSession | None = None,
+    ) -> None:
+        self._schedule = IntervalSchedule(log_interval, "log_interval")
+        self.log_interval = log_interval
+        if session is None:
+            if run_dir is None or run_id is None:
+                raise TypeError("Monitor needs run_dir and run_id (or a session)")
+            meta_config = {"log_interval": log_interval, **(dict(config) if config else {})}
+            session = MonitorSession(
+                run_dir, run_id, config_name=config_name, config=meta_config,
+                participation=participation, participation_timeout=participation_timeout,
+            )
+        self.session = session
+        self.run_id = session.run_id
+        self._sink = session.files.jsonl(f"monitor_logs/{self.run_id}.jsonl")
+        self.jsonl_path = session.files.path(f"monitor_logs/{self.run_id}.jsonl")
+        self.summary_path = session.files.path(f"monitor_logs/{self.run_id}_summary.json")
+        self._slots: dict[str, StatSlots] = {"train": StatSlots()}
+        self._dirty: set[str] = set()
+        self._pending: int | None = None
+        self._current: int | None = None
+        self._summary = SummaryTracker()
+        self._finalized = False
+        self._warned_backwards = False
+
+    # -- public API ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def step(self, step: int, mode: str = "train") -> Iterator[StepHandle]:
+        """Context for logging at ``step``; yields a :class:`StepHandle`."""
+        step = check_step(step)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if self._finalized:
+            warnings.warn("Monitor.step() after finalize(): ignored", RuntimeWarning, stacklevel=3)
+            yield StepHandle(_Discard(), step, mode)
+            return
+        self._advance(step)
+        self._slots.setdefault(mode, StatSlots())
+        self._dirty.add(mode)
+        handle = StepHandle(self, step, mode)
+        try:
+            yield handle
+        finally:
+            handle._open = False
+        # Only on a clean exit: a rank that raised must not start a collective alone.
+        if mode != "train":
+            self._flush(mode, step)
+        elif self._pending == step:
+            self._flush("train", step)
+            self._pending = None
+
+    def log_step(self, step: int) -> None:
+        """Tell the monitor the run is at ``step`` (may repeat under gradient accumulation)."""
+        step = check_step(step)
+        if not self._finalized:
+            self._advance(step)
+
+    def finalize(self, status: str = "completed") -> str:
+        """Write whatever is pending, then the summary and meta. Idempotent.
+
+        Returns:
+            The path of ``monitor_logs/{run_id}_summary.json``.
+        """
+        if self._finalized:
+            return str(self.summary_path)
+        self._finalized = True
+        try:
+            if status == "completed":
+                for mode in sorted(self._dirty):
+                    label = self._pending if mode == "train" and self._pending is not None \
+                        else self._current
+                    self._flush(mode, label)
+        finally:
+            self._write_summary(status)
+            self.session.update_meta(end_time=time.time(), status=status)
+            self._sink.close()
+        return str(self.summary_path)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finalize("completed" if exc_type is None else "failed")
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _advance(self, step: int) -> None:
+        if self._pending is not None and step > self._pending:
+            if "train" in self._dirty:
+                self._flush("train", self._pending)
+            self._pending = None
+        if self._current is not None and step < self._current and not self._warned_backwards:
+            self._warned_backwards = True
+            warnings.warn(
+                f"monitor: step went backwards ({self._current} -> {step}); records keep "
+                "their order of arrival",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        if self._schedule.reaches_new_multiple(step):
+            self._pending = step
+        self._current = step if self._current is None else max(self._current, step)
+
+    def _add(self, mode: str, values: dict) -> None:
+        slots = self._slots[mode]
+        slots.declare(values)
+        slots.update(values)
+
+    def _flush(self, mode: str, step: int) -> None:
+        slots = self._slots[mode]
+        order = sorted(slots.names)
+        rows = slots.local_rows(order, self.session.device)
+        slots.reset()
+        self._dirty.discard(mode)
+        reduced = self.session.reduce({mode: order}, rows, step, mode)
+        if reduced is None:
+            return
+        names, host_rows = reduced.get(mode, ([], []))
+        slots.declare(names)  # adopt the union so the next flush takes the fast path
+        metrics = metrics_of(names, host_rows)
+        if not metrics:
+            return
+        self._sink.write(record(step, mode, self.session.world_size, metrics))
+        self._summary.add(step, mode, metrics)
+        self._write_summary("running")
+
+    def _write_summary(self, status: str) -> None:
+        summary = self._summary.to_dict(self.run_id, self.session.start_time, status)
+        self.session.files.write_json(f"monitor_logs/{self.run_id}_summary.json", summary)
+
+
+class _Discard:
+    def _add(self, mode: str, values: dict) -> None:
+        pass

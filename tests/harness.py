@@ -1,0 +1,93 @@
+"""Real multi-process gloo worlds for tests.
+
+``run_world(fn, world_size, tmp_path)`` spawns ``world_size`` processes; each joins a gloo
+group through a FileStore in ``tmp_path`` (no ports: safe under pytest-xdist), with a
+``timeout=`` on ``init_process_group``, and runs ``fn(rank, world_size, **kwargs)``. The
+parent joins with a deadline, kills every other rank at the first failure and raises one
+``WorldFailure`` carrying every failed rank's traceback. A hang is reported, never waited
+out.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from datetime import timedelta
+
+GROUP_TIMEOUT_S = 30
+GRACE_S = 2.0
+
+
+class WorldFailure(AssertionError):
+    pass
+
+
+def _child(fn, rank, world_size, store_path, init, env, kwargs, results):
+    os.environ.update({k: v.format(rank=rank) for k, v in (env or {}).items()})
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        if init:
+            store = dist.FileStore(store_path, world_size)
+            dist.init_process_group(
+                "gloo", store=store, rank=rank, world_size=world_size,
+                timeout=timedelta(seconds=GROUP_TIMEOUT_S),
+            )
+        value = fn(rank, world_size, **kwargs)
+        if init:
+            dist.destroy_process_group()
+        results.put((rank, "ok", value))
+    except BaseException:  # report everything, including KeyboardInterrupt/SystemExit
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_world(fn, world_size, tmp_path, *, timeout=90.0, init=True, env=None, **kwargs):
+    """Run ``fn`` on every rank of a fresh gloo world; returns the per-rank return values."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    store_path = str(tmp_path / f"store-{time.monotonic_ns()}")
+    procs = [
+        ctx.Process(
+            target=_child,
+            args=(fn, rank, world_size, store_path, init, env, kwargs, results),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    done, errors = {}, {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(done) + len(errors) < world_size:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            try:
+                rank, status, payload = results.get(timeout=min(0.2, deadline - now))
+            except queue.Empty:
+                for rank, p in enumerate(procs):
+                    if p.exitcode not in (None, 0) and rank not in done and rank not in errors:
+                        errors[rank] = f"rank {rank} exited with code {p.exitcode} without a report"
+                continue
+            (done if status == "ok" else errors)[rank] = payload
+            if errors:
+                deadline = min(deadline, time.monotonic() + GRACE_S)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(5)
+    missing = [r for r in range(world_size) if r not in done and r not in errors]
+    if errors or missing:
+        parts = [f"--- rank {r} failed ---\n{tb}" for r, tb in sorted(errors.items())]
+        if missing:
+            parts.append(f"--- ranks {missing} did not finish within {timeout:g} s (killed) ---")
+        raise WorldFailure("\n".join(parts))
+    return [done[r] for r in range(world_size)]

@@ -1,0 +1,141 @@
+"""Real gloo worlds: reductions, unions, mismatches, participation, who writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import workers
+from harness import run_world
+from reference import assert_matches, bucket_of, due_labels, reference_stats
+
+pytestmark = pytest.mark.distributed
+
+
+def make_plan(world_size: int, steps: list[int], seed: int) -> list[list]:
+    """Uneven numbers of values per rank and step, NaN/Inf mixed in."""
+    rng = np.random.default_rng(seed)
+    plan = []
+    for rank in range(world_size):
+        items = []
+        for step in steps:
+            loss = rng.normal(2.0 + rank, 0.5, size=rank + 1 + step % 3)
+            if (rank + step) % 7 == 3:
+                loss[0] = np.nan
+            if (rank + step) % 11 == 5:
+                loss[-1] = -np.inf
+            values = {"loss": loss, "lr": 1e-4 * (1 + step), "grad": rng.gamma(2.0, size=4)}
+            items.append((step, "train", values))
+        plan.append(items)
+    return plan
+
+
+def expected_records(plan, labels):
+    want: dict[int, dict[str, list]] = {}
+    for items in plan:
+        for step, _, values in items:
+            bucket = want.setdefault(bucket_of(step, labels), {})
+            for name, value in values.items():
+                bucket.setdefault(name, []).append(value)
+    return {label: {n: reference_stats(v) for n, v in m.items()} for label, m in want.items()}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_flush_matches_numpy_over_all_ranks_values(tmp_path, world_size):
+    steps = list(range(0, 23))
+    plan = make_plan(world_size, steps, seed=world_size)
+    kinds = {"loss": "tensor", "lr": "float", "grad": "float32"}
+    run_dir = tmp_path / "run"
+    out = run_world(workers.log_plan, world_size, tmp_path, run_dir=str(run_dir),
+                    run_id="r", plan=plan, interval=5, kinds=kinds)
+    labels = due_labels(steps, 5)
+    want = expected_records(plan, labels)
+    got = workers.read_jsonl(run_dir / "monitor_logs" / "r.jsonl")
+    assert [r["step"] for r in got] == labels
+    for rec in got:
+        assert list(rec) == ["step", "mode", "time", "world_size", "metrics"]
+        assert rec["mode"] == "train" and rec["world_size"] == world_size
+        assert set(rec["metrics"]) == {"loss", "lr", "grad"}
+        for name, value in rec["metrics"].items():
+            rel = 1e-6 if name == "grad" else 1e-9  # grad went through float32
+            assert_matches(value, want[rec["step"]][name], rel=rel)
+    meta = json.loads((run_dir / "monitor_logs" / "r_meta.json").read_text())
+    assert meta["participation"]["decision"] == "all_ranks"
+    assert meta["participation"]["contributing_ranks"] == list(range(world_size))
+    assert meta["world_size"] == world_size and meta["backend"] == "gloo"
+    for rank_out in out:
+        assert all(d in (0, 3) for d in rank_out["deltas"])
+
+
+def test_ranks_with_different_metric_sets_reduce_the_union(tmp_path):
+    steps = [0, 1, 2, 3]
+    plan = []
+    for rank in range(3):
+        items = []
+        for step in steps:
+            values = {"loss": [float(rank + step)]}
+            if rank == 1:
+                values["only_on_1"] = [10.0 + step, 20.0]
+            if rank == 2 and step >= 2:
+                values["late_on_2"] = [float(step)]
+            items.append((step, "train", values))
+        plan.append(items)
+    run_dir = tmp_path / "run"
+    out = run_world(workers.log_plan, 3, tmp_path, run_dir=str(run_dir), run_id="u",
+                    plan=plan, interval=2)
+    labels = due_labels(steps, 2)
+    want = expected_records(plan, labels)
+    got = workers.read_jsonl(run_dir / "monitor_logs" / "u.jsonl")
+    assert [r["step"] for r in got] == labels
+    for rec in got:
+        assert set(rec["metrics"]) == set(want[rec["step"]])
+        for name, value in rec["metrics"].items():
+            assert_matches(value, want[rec["step"]][name])
+    for rank_out in out:
+        assert max(rank_out["deltas"]) <= 3
+
+
+def test_out_of_step_ranks_raise_on_every_rank(tmp_path):
+    messages = run_world(workers.out_of_step, 2, tmp_path, run_dir=str(tmp_path / "run"))
+    for msg in messages:
+        assert msg is not None and "same step numbers" in msg
+        assert "10..20" in msg
+    assert not (tmp_path / "run" / "monitor_logs" / "oos.jsonl").read_text()
+
+
+@pytest.mark.parametrize("num_metrics", [5, 5000])
+def test_collectives_per_flush_do_not_depend_on_metric_count(tmp_path, num_metrics):
+    per_rank = run_world(workers.many_metrics, 2, tmp_path, run_dir=str(tmp_path / "run"),
+                         num_metrics=num_metrics, steps=7, interval=3)
+    for per_step in per_rank:
+        assert per_step == [3, 0, 0, 3, 0, 0, 3]
+
+
+def test_rank0_only_monitor_finishes_and_writes_local_statistics(tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_world(workers.rank0_only, 2, tmp_path, run_dir=str(run_dir), wait=1.0)
+    got = workers.read_jsonl(run_dir / "monitor_logs" / "r0.jsonl")
+    assert [r["step"] for r in got] == [0, 2, 4]
+    assert got[1]["metrics"]["loss"]["count"] == 6  # rank 0's own values, steps 1-2
+    meta = json.loads((run_dir / "monitor_logs" / "r0_meta.json").read_text())
+    assert meta["participation"]["decision"] == "rank0_only"
+    assert meta["participation"]["statistics"] == "local"
+    assert out[1] is None
+
+
+def test_torchrun_env_without_process_group_writes_from_rank0_only(tmp_path):
+    pattern = str(tmp_path / "run-{rank}")
+    out = run_world(workers.no_process_group, 2, tmp_path, init=False,
+                    env={"RANK": "{rank}", "WORLD_SIZE": "2"}, run_dir_pattern=pattern)
+    assert out[0]["exists"] and not out[1]["exists"]
+    assert all(any("no process group" in w for w in o["warnings"]) for o in out)
+    rec = workers.read_jsonl(tmp_path / "run-0" / "monitor_logs" / "nopg.jsonl")
+    assert rec[0]["metrics"]["loss"]["mean"] == 0.0
+
+
+def test_only_rank0_touches_the_filesystem(tmp_path):
+    plan = [[(0, "train", {"loss": [1.0]})], [(0, "train", {"loss": [2.0]})]]
+    out = run_world(workers.log_plan_per_rank_dir, 2, tmp_path,
+                    pattern=str(tmp_path / "run-{rank}"), plan=plan)
+    assert out == [True, False]

@@ -1,0 +1,132 @@
+"""Functions each rank of a test world runs (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from monitor import Monitor, RankMismatchError
+
+COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+    "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "barrier",
+    "gather", "scatter", "all_to_all", "all_to_all_single", "send", "recv",
+)
+
+
+def count_collectives() -> dict:
+    """Wrap every torch.distributed collective with a counter; returns the live counter."""
+    counter = {"n": 0, "calls": []}
+    for name in COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def wrapped(*args, _original=original, _name=name, **kwargs):
+            counter["n"] += 1
+            counter["calls"].append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, wrapped)
+    return counter
+
+
+def as_kind(value, kind: str):
+    """The same numbers as a Python float, numpy value, CPU tensor or bf16 tensor."""
+    if kind == "float":
+        return float(value)
+    if kind == "numpy":
+        return np.asarray(value, dtype=np.float64)
+    if kind == "tensor":
+        return torch.as_tensor(np.asarray(value), dtype=torch.float64)
+    if kind == "float32":
+        return torch.as_tensor(np.asarray(value), dtype=torch.float32)
+    raise ValueError(kind)
+
+
+def log_plan(rank, world_size, run_dir, run_id, plan, interval, kinds=None, **monitor_kwargs):
+    """Log ``plan[rank]``: a list of (step, mode, {name: value}); return collective deltas."""
+    counter = count_collectives()
+    mon = Monitor(run_dir=run_dir, run_id=run_id, log_interval=interval, **monitor_kwargs)
+    deltas = []
+    for step, mode, values in plan[rank]:
+        before = counter["n"]
+        with mon.step(step, mode=mode) as h:
+            h.log(extra={k: as_kind(v, (kinds or {}).get(k, "numpy")) for k, v in values.items()})
+        deltas.append(counter["n"] - before)
+    before = counter["n"]
+    mon.finalize()
+    deltas.append(counter["n"] - before)
+    return {"deltas": deltas, "calls": counter["calls"]}
+
+
+def many_metrics(rank, world_size, run_dir, num_metrics, steps, interval):
+    """Log ``num_metrics`` scalars per step; return the collectives issued at each flush."""
+    counter = count_collectives()
+    mon = Monitor(run_dir=run_dir, run_id="many", log_interval=interval, participation="all")
+    per_step = []
+    names = [f"m{i:05d}" for i in range(num_metrics)]
+    for step in range(steps):
+        before = counter["n"]
+        with mon.step(step) as h:
+            h.log(extra={n: torch.tensor(float(rank + i + step)) for i, n in enumerate(names)})
+        per_step.append(counter["n"] - before)
+    mon.finalize()
+    return per_step
+
+
+def out_of_step(rank, world_size, run_dir):
+    """Rank r logs step 10 * (r + 1): every rank must raise RankMismatchError."""
+    mon = Monitor(run_dir=run_dir, run_id="oos", log_interval=10, participation="all")
+    step = 10 * (rank + 1)
+    try:
+        with mon.step(step) as h:
+            h.log(loss=1.0)
+    except RankMismatchError as err:
+        return str(err)
+    return None
+
+
+def rank0_only(rank, world_size, run_dir, wait):
+    """The public CogVLA script's pattern: the monitor exists on rank 0 alone."""
+    if rank != 0:
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = Monitor(run_dir=run_dir, run_id="r0", log_interval=2,
+                      participation_timeout=wait)
+        for step in range(5):
+            with mon.step(step) as h:
+                h.log(loss=torch.tensor([1.0, 2.0, 3.0]) * step)
+        mon.finalize()
+    return [str(w.message) for w in caught]
+
+
+def no_process_group(rank, world_size, run_dir_pattern):
+    """torchrun environment (RANK/WORLD_SIZE set) but no process group initialised."""
+    run_dir = run_dir_pattern.format(rank=rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = Monitor(run_dir=run_dir, run_id="nopg", log_interval=1)
+        with mon.step(0) as h:
+            h.log(loss=float(rank))
+        mon.finalize()
+    return {"warnings": [str(w.message) for w in caught], "exists": Path(run_dir).exists()}
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def log_plan_per_rank_dir(rank, world_size, pattern, plan):
+    """Every rank points at its own folder: only rank 0's may exist afterwards."""
+    run_dir = pattern.format(rank=rank)
+    log_plan(rank, world_size, run_dir, "w", plan, interval=1)
+    dist.barrier()
+    return Path(run_dir).exists()
