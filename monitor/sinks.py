@@ -33,6 +33,8 @@ def dumps(obj: Any) -> str:
 class JsonlSink:
     """Append-only JSON-lines file: each record is one ``write`` of one whole line, flushed.
 
+    The file is opened for each record and closed after it (records come once per flush,
+    so this costs nothing and leaves no handle behind when a run is never finalized).
     Reopening a file whose last line was cut short (a process killed mid-write) first
     truncates that partial line, so every line in the file always parses.
     """
@@ -43,17 +45,17 @@ class JsonlSink:
         self.existed = path.exists() and path.stat().st_size > 0
         if self.existed:
             _truncate_partial_last_line(path)
-        self._file = open(path, "a", encoding="utf-8")
+        else:
+            path.touch()
 
     def write(self, record: dict) -> None:
-        self._file.write(dumps(record) + "\n")
-        self._file.flush()
+        line = dumps(record) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+        pass
 
 
 class NullSink:
