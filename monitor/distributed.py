@@ -18,6 +18,7 @@ Three jobs:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -69,7 +70,11 @@ def detect_world() -> WorldInfo:
 def participation_timeout(value: float | None) -> float:
     """The bounded wait for other ranks: ``value``, else $MONITOR_PARTICIPATION_TIMEOUT, else 10 s."""
     if value is None:
-        value = float(os.environ.get(_TIMEOUT_ENV, DEFAULT_PARTICIPATION_TIMEOUT_S))
+        raw = os.environ.get(_TIMEOUT_ENV, str(DEFAULT_PARTICIPATION_TIMEOUT_S))
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"${_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
     if not value > 0:
         raise ValueError(f"participation_timeout must be > 0 seconds, got {value}")
     return float(value)
@@ -87,7 +92,8 @@ class Participation:
 
     Args:
         world: this process.
-        key: a name identical on every rank for this monitor (run id + construction order).
+        key: a name identical on every rank for this monitor (its run id); monitors of the
+            same run that use the store are told apart by their construction order.
         mode: ``"auto"`` (detect through the store), ``"all"`` (every rank built it: skip the
             wait) or ``"local"`` (never communicate; rank 0 writes its own statistics).
         timeout: seconds rank 0 waits for the other ranks' keys.
@@ -97,10 +103,11 @@ class Participation:
         if mode not in PARTICIPATION_MODES:
             raise ValueError(f"participation must be one of {PARTICIPATION_MODES}, got {mode!r}")
         self._world, self.mode, self._timeout = world, mode, timeout
-        self._prefix = f"monitor/participation/{key}"
         self.reason = "one process" if world.world_size <= 1 else ""
         self.decision: str | None = self._immediate_decision()
-        if self.decision is None and mode == "auto":
+        if self.decision is None:
+            number = next(_store_users.setdefault(key, itertools.count()))
+            self._prefix = f"monitor/participation/{key}/{number}"
             self._store = dist.distributed_c10d._get_default_store()
             self._store.set(f"{self._prefix}/present/{world.rank}", "1")
 
@@ -157,6 +164,9 @@ class Participation:
         else:
             self.reason = "every rank built a monitor"
         return decision
+
+
+_store_users: dict[str, itertools.count] = {}
 
 
 def _poll(store, keys: list[str], timeout: float) -> bool:

@@ -14,7 +14,6 @@ import socket
 import time
 import warnings
 from collections.abc import Mapping
-from itertools import count
 from pathlib import Path
 
 import torch
@@ -22,8 +21,6 @@ import torch
 from monitor import distributed, records
 from monitor._version import __version__
 from monitor.sinks import NullRunFiles, RunFiles
-
-_session_numbers: dict[str, count] = {}
 
 
 def validate_run_id(run_id: object) -> str:
@@ -66,10 +63,7 @@ class MonitorSession:
         self.run_dir = Path(run_dir)
         self.world = distributed.detect_world()
         timeout = distributed.participation_timeout(participation_timeout)
-        number = next(_session_numbers.setdefault(run_id, count()))
-        self.participation = distributed.Participation(
-            self.world, f"{run_id}/{number}", participation, timeout
-        )
+        self.participation = distributed.Participation(self.world, run_id, participation, timeout)
         self.files = RunFiles(self.run_dir) if self.world.is_writer else NullRunFiles(self.run_dir)
         self.start_time = time.time()
         self._reducer: distributed.Reducer | None = None

@@ -92,8 +92,10 @@ def test_ranks_with_different_metric_sets_reduce_the_union(tmp_path):
         assert set(rec["metrics"]) == set(want[rec["step"]])
         for name, value in rec["metrics"].items():
             assert_matches(value, want[rec["step"]][name])
+    union = ["all_reduce", "all_gather", "all_gather"]
     for rank_out in out:
-        assert max(rank_out["deltas"]) <= 3
+        # steps 0 and 2 bring new names (union path), finalize at 3 finds them adopted
+        assert rank_out["calls"] == union + union + ["all_reduce"] * 3
 
 
 def test_out_of_step_ranks_raise_on_every_rank(tmp_path):
@@ -139,3 +141,50 @@ def test_only_rank0_touches_the_filesystem(tmp_path):
     out = run_world(workers.log_plan_per_rank_dir, 2, tmp_path,
                     pattern=str(tmp_path / "run-{rank}"), plan=plan)
     assert out == [True, False]
+
+
+def test_same_names_logged_in_different_orders_take_the_fast_path(tmp_path):
+    plan = [
+        [(0, "train", {"a": [1.0], "b": [2.0]})],
+        [(0, "train", {"b": [3.0], "a": [4.0]})],
+    ]
+    out = run_world(workers.log_plan, 2, tmp_path, run_dir=str(tmp_path / "run"),
+                    run_id="o", plan=plan, interval=1)
+    assert out[0]["calls"] == ["all_reduce"] * 3
+    rec = workers.read_jsonl(tmp_path / "run" / "monitor_logs" / "o.jsonl")[0]
+    assert rec["metrics"]["a"]["mean"] == 2.5 and rec["metrics"]["b"]["mean"] == 2.5
+
+
+def test_participation_local_never_communicates(tmp_path):
+    plan = [[(0, "train", {"loss": [1.0]})], [(0, "train", {"loss": [5.0]})]]
+    out = run_world(workers.log_plan, 2, tmp_path, run_dir=str(tmp_path / "run"),
+                    run_id="l", plan=plan, interval=1, participation="local")
+    assert out[0]["calls"] == out[1]["calls"] == []
+    rec = workers.read_jsonl(tmp_path / "run" / "monitor_logs" / "l.jsonl")[0]
+    assert rec["metrics"]["loss"]["mean"] == 1.0
+
+
+def test_a_rank_that_builds_its_monitor_too_late_is_told_and_never_hangs(tmp_path):
+    out = run_world(workers.late_rank1, 2, tmp_path, run_dir=str(tmp_path / "run"))
+    assert any("not reduced" in w for w in out[1])
+    meta = json.loads((tmp_path / "run" / "monitor_logs" / "late_meta.json").read_text())
+    assert meta["participation"]["decision"] == "rank0_only"
+
+
+def test_world_of_three_equals_one_process_over_the_concatenated_inputs(tmp_path):
+    steps = list(range(1, 13))
+    plan = make_plan(3, steps, seed=7)
+    run_world(workers.log_plan, 3, tmp_path, run_dir=str(tmp_path / "world"), run_id="c",
+              plan=plan, interval=4)
+    single = [[(step, "train", {k: np.concatenate([np.atleast_1d(plan[r][i][2][k])
+                                                   for r in range(3)])
+                                for k in plan[0][i][2]})
+               for i, step in enumerate(steps)]]
+    workers.log_plan(0, 1, str(tmp_path / "one"), "c", single, interval=4)
+    world = workers.read_jsonl(tmp_path / "world" / "monitor_logs" / "c.jsonl")
+    one = workers.read_jsonl(tmp_path / "one" / "monitor_logs" / "c.jsonl")
+    assert [r["step"] for r in world] == [r["step"] for r in one] == [4, 8, 12]
+    for w, o in zip(world, one):
+        assert w["metrics"].keys() == o["metrics"].keys()
+        for name in w["metrics"]:
+            assert_matches(w["metrics"][name], o["metrics"][name], rel=1e-12)

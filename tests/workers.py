@@ -130,3 +130,22 @@ def log_plan_per_rank_dir(rank, world_size, pattern, plan):
     log_plan(rank, world_size, run_dir, "w", plan, interval=1)
     dist.barrier()
     return Path(run_dir).exists()
+
+
+def late_rank1(rank, world_size, run_dir):
+    """Rank 1 builds its monitor only after rank 0 has decided (and flushed) without it."""
+    import time
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if rank == 1:
+            store = dist.distributed_c10d._get_default_store()
+            store.wait(["rank0-done"])
+        mon = Monitor(run_dir=run_dir, run_id="late", log_interval=1, participation_timeout=0.5)
+        with mon.step(0) as h:
+            h.log(loss=float(rank))
+        if rank == 0:
+            dist.distributed_c10d._get_default_store().set("rank0-done", "1")
+        mon.finalize()
+        time.sleep(0.1)
+    return [str(w.message) for w in caught]
