@@ -20,12 +20,17 @@ COLLECTIVES = (
 
 
 def count_collectives() -> dict:
-    """Wrap every torch.distributed collective with a counter; returns the live counter."""
+    """Wrap every torch.distributed collective with a counter; returns the live counter.
+
+    ``counter["restore"]()`` puts the originals back (for use inside a test process).
+    """
     counter = {"n": 0, "calls": []}
+    originals = {}
     for name in COLLECTIVES:
         original = getattr(dist, name, None)
         if original is None:
             continue
+        originals[name] = original
 
         def wrapped(*args, _original=original, _name=name, **kwargs):
             counter["n"] += 1
@@ -33,6 +38,7 @@ def count_collectives() -> dict:
             return _original(*args, **kwargs)
 
         setattr(dist, name, wrapped)
+    counter["restore"] = lambda: [setattr(dist, n, f) for n, f in originals.items()]
     return counter
 
 
@@ -52,16 +58,20 @@ def as_kind(value, kind: str):
 def log_plan(rank, world_size, run_dir, run_id, plan, interval, kinds=None, **monitor_kwargs):
     """Log ``plan[rank]``: a list of (step, mode, {name: value}); return collective deltas."""
     counter = count_collectives()
-    mon = Monitor(run_dir=run_dir, run_id=run_id, log_interval=interval, **monitor_kwargs)
-    deltas = []
-    for step, mode, values in plan[rank]:
+    try:
+        mon = Monitor(run_dir=run_dir, run_id=run_id, log_interval=interval, **monitor_kwargs)
+        deltas = []
+        for step, mode, values in plan[rank]:
+            before = counter["n"]
+            with mon.step(step, mode=mode) as h:
+                kinded = {k: as_kind(v, (kinds or {}).get(k, "numpy")) for k, v in values.items()}
+                h.log(extra=kinded)
+            deltas.append(counter["n"] - before)
         before = counter["n"]
-        with mon.step(step, mode=mode) as h:
-            h.log(extra={k: as_kind(v, (kinds or {}).get(k, "numpy")) for k, v in values.items()})
+        mon.finalize()
         deltas.append(counter["n"] - before)
-    before = counter["n"]
-    mon.finalize()
-    deltas.append(counter["n"] - before)
+    finally:
+        counter["restore"]()
     return {"deltas": deltas, "calls": counter["calls"]}
 
 
