@@ -134,17 +134,16 @@ class Participation:
 
     def _decide_as_rank0(self) -> str:
         keys = [f"{self._prefix}/present/{r}" for r in range(1, self._world.world_size)]
-        present = _poll(self._store, keys, self._timeout)
-        if present:
-            decision, self.reason = ALL_RANKS, "every rank built a monitor"
+        proposal = ALL_RANKS if _poll(self._store, keys, self._timeout) else RANK0_ONLY
+        decision = self._settle(proposal)
+        if decision == ALL_RANKS:
+            self.reason = "every rank built a monitor"
         else:
-            decision = RANK0_ONLY
             self.reason = (
                 f"not every rank built a monitor within {self._timeout:g} s: statistics are "
                 "rank 0's own (set participation_timeout or $MONITOR_PARTICIPATION_TIMEOUT "
                 "to wait longer)"
             )
-        self._store.set(f"{self._prefix}/decision", decision)
         return decision
 
     def _follow(self) -> str:
@@ -152,7 +151,7 @@ class Participation:
         if _poll(self._store, [key], 2 * self._timeout + 30.0):
             decision = self._store.get(key).decode()
         else:
-            decision = RANK0_ONLY
+            decision = self._settle(RANK0_ONLY)
         if decision != ALL_RANKS:
             self.reason = "rank 0 reduces its own statistics only"
             warnings.warn(
@@ -164,6 +163,10 @@ class Participation:
         else:
             self.reason = "every rank built a monitor"
         return decision
+
+    def _settle(self, proposal: str) -> str:
+        """First writer wins, atomically: every rank ends up reading the same decision."""
+        return self._store.compare_set(f"{self._prefix}/decision", "", proposal).decode()
 
 
 _store_users: dict[str, itertools.count] = {}

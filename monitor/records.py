@@ -64,7 +64,10 @@ def record(step: int, mode: str | None, world_size: int, metrics: dict, **extra)
 class SummaryTracker:
     """Per mode and metric: first, last, min and max of the flushed means.
 
-    Also counts records and remembers the last step, for ``*_summary.json``.
+    ``first_step``/``last_step`` are the steps of the records ``first``/``last`` came from;
+    ``records`` counts every record that held the metric (a record whose values were all
+    non-finite has a null mean and does not move first/last/min/max). Also counts records
+    and remembers the last step, for ``*_summary.json``.
     """
 
     def __init__(self) -> None:
@@ -81,14 +84,13 @@ class SummaryTracker:
             entry = table.get(name)
             if entry is None:
                 entry = table[name] = {"first": None, "last": None, "min": None, "max": None,
-                                       "first_step": step, "last_step": step, "records": 0}
+                                       "first_step": None, "last_step": None, "records": 0}
             entry["records"] += 1
-            entry["last_step"] = step
             if mean is None:
                 continue
             if entry["first"] is None:
-                entry["first"] = mean
-            entry["last"] = mean
+                entry["first"], entry["first_step"] = mean, step
+            entry["last"], entry["last_step"] = mean, step
             entry["min"] = mean if entry["min"] is None else min(entry["min"], mean)
             entry["max"] = mean if entry["max"] is None else max(entry["max"], mean)
 

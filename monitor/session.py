@@ -71,7 +71,7 @@ class MonitorSession:
             warnings.warn(
                 f"monitor: RANK={self.world.rank} of WORLD_SIZE={self.world.world_size} but no "
                 "process group is initialised: statistics are this process's own and only "
-                "RANK 0 writes files",
+                "RANK 0 writes files (build the monitor after init_process_group for global statistics)",
                 RuntimeWarning,
                 stacklevel=3,
             )

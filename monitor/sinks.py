@@ -54,9 +54,6 @@ class JsonlSink:
             f.write(line)
             f.flush()
 
-    def close(self) -> None:
-        pass
-
 
 class NullSink:
     """What non-writing ranks hold: accepts records, writes nothing."""
@@ -64,9 +61,6 @@ class NullSink:
     existed = False
 
     def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
         pass
 
 

@@ -111,7 +111,7 @@ class Monitor:
         if session is None:
             if run_dir is None or run_id is None:
                 raise TypeError("Monitor needs run_dir and run_id (or a session)")
-            meta_config = {"log_interval": log_interval, **(dict(config) if config else {})}
+            meta_config = {**(dict(config) if config else {}), "log_interval": log_interval}
             session = MonitorSession(
                 run_dir, run_id, config_name=config_name, config=meta_config,
                 participation=participation, participation_timeout=participation_timeout,
@@ -128,6 +128,11 @@ class Monitor:
         self._summary = SummaryTracker()
         self._finalized = False
         self._warned_backwards = False
+        # Gradient accumulation shows as several train contexts at one step number. Until
+        # the run has shown whether it does that, a due record waits for the first call
+        # with a later step; a run seen to use one context per step writes at the exit.
+        self._train_contexts_here = 0
+        self._accumulating: bool | None = None
 
     # -- public API ---------------------------------------------------------------------
 
@@ -142,6 +147,10 @@ class Monitor:
             yield StepHandle(_Discard(), step, mode)
             return
         self._advance(step)
+        if mode == "train":
+            self._train_contexts_here += 1
+            if self._train_contexts_here > 1:
+                self._accumulating = True
         self._slots.setdefault(mode, StatSlots())
         self._dirty.add(mode)
         handle = StepHandle(self, step, mode)
@@ -152,7 +161,7 @@ class Monitor:
         # Only on a clean exit: a rank that raised must not start a collective alone.
         if mode != "train":
             self._flush(mode, step)
-        elif self._pending == step:
+        elif self._pending == step and self._accumulating is False:
             self._flush("train", step)
             self._pending = None
 
@@ -165,9 +174,29 @@ class Monitor:
     def finalize(self, status: str = "completed") -> str:
         """Write whatever is pending, then the summary and meta. Idempotent.
 
+        Args:
+            status: ``"completed"`` writes what is pending (a collective: call it on every
+                rank); ``"failed"`` only writes the summary and meta, without a collective.
+
         Returns:
             The path of ``monitor_logs/{run_id}_summary.json``.
         """
+        if status not in ("completed", "failed"):
+            raise ValueError(f"status must be 'completed' or 'failed', got {status!r}")
+        return self._finish(status, None)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._finish("completed", None)
+        else:
+            self._finish("failed", exc_type.__name__)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _finish(self, status: str, error: str | None) -> str:
         if self._finalized:
             return str(self.summary_path)
         self._finalized = True
@@ -177,21 +206,19 @@ class Monitor:
                     label = self._pending if mode == "train" and self._pending is not None \
                         else self._current
                     self._flush(mode, label)
+        except BaseException as exc:
+            status, error = "failed", type(exc).__name__
+            raise
         finally:
-            self._write_summary(status)
-            self.session.update_meta(end_time=time.time(), status=status)
-            self._sink.close()
+            self._write_summary(status, error)
+            self.session.update_meta(end_time=time.time(), status=status, error=error)
         return str(self.summary_path)
 
-    def __enter__(self) -> Monitor:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.finalize("completed" if exc_type is None else "failed")
-
-    # -- internals ----------------------------------------------------------------------
-
     def _advance(self, step: int) -> None:
+        if self._current is not None and step > self._current:
+            if self._train_contexts_here == 1 and self._accumulating is None:
+                self._accumulating = False
+            self._train_contexts_here = 0
         if self._pending is not None and step > self._pending:
             if "train" in self._dirty:
                 self._flush("train", self._pending)
@@ -229,10 +256,11 @@ class Monitor:
             return
         self._sink.write(record(step, mode, self.session.world_size, metrics))
         self._summary.add(step, mode, metrics)
-        self._write_summary("running")
+        self._write_summary("running", None)
 
-    def _write_summary(self, status: str) -> None:
+    def _write_summary(self, status: str, error: str | None) -> None:
         summary = self._summary.to_dict(self.run_id, self.session.start_time, status)
+        summary["error"] = error
         self.session.files.write_json(f"monitor_logs/{self.run_id}_summary.json", summary)
 
 

@@ -50,17 +50,31 @@ def test_the_due_record_is_on_disk_when_its_step_context_exits(run_dir):
 
 def test_gradient_accumulation_repeats_a_step_without_losing_or_double_counting(run_dir):
     mon = Monitor(run_dir=run_dir, run_id="exp", log_interval=4)
-    total = 0
     for step in range(1, 10):
         for _ in range(3):
             mon.log_step(step)
             with mon.step(step) as h:
-                h.log(loss=1.0)
-            total += 1
+                h.log(loss=float(step))
     mon.finalize()
     recs = read_jsonl(paths(run_dir)[0])
-    assert sum(r["metrics"]["loss"]["count"] for r in recs) == total
-    assert [r["step"] for r in recs] == [4, 8, 9]
+    assert [(r["step"], r["metrics"]["loss"]["count"]) for r in recs] == [(4, 12), (8, 12),
+                                                                         (9, 3)]
+    assert recs[1]["metrics"]["loss"]["min"] == 5.0
+
+
+def test_accumulated_micro_batches_of_a_due_step_stay_in_its_record(run_dir):
+    """With repeated step numbers the due record waits for the first later step."""
+    mon = Monitor(run_dir=run_dir, run_id="exp", log_interval=5)
+    for step in range(0, 11):
+        for micro in range(2):
+            with mon.step(step) as h:
+                h.log(loss=float(step))
+            if step == 5 and micro == 1:
+                assert [r["step"] for r in read_jsonl(paths(run_dir)[0])] == [0]
+    mon.finalize()
+    recs = read_jsonl(paths(run_dir)[0])
+    assert [(r["step"], r["metrics"]["loss"]["count"]) for r in recs] == [(0, 2), (5, 10),
+                                                                         (10, 10)]
 
 
 def test_a_step_reached_by_log_step_is_written_at_the_first_later_call(run_dir):
@@ -168,8 +182,16 @@ def test_context_manager_form_marks_a_crash_as_failed(run_dir):
             with mon.step(0) as h:
                 h.log(loss=1.0)
             1 / 0
-    assert json.loads(paths(run_dir)[1].read_text())["status"] == "failed"
+    summary = json.loads(paths(run_dir)[1].read_text())
+    assert (summary["status"], summary["error"]) == ("failed", "ZeroDivisionError")
     assert json.loads(paths(run_dir)[2].read_text())["status"] == "failed"
+
+
+def test_finalize_status_is_checked(run_dir):
+    mon = Monitor(run_dir=run_dir, run_id="exp")
+    with pytest.raises(ValueError, match="status must be"):
+        mon.finalize("done")
+    mon.finalize()
 
 
 @pytest.mark.parametrize("run_id", ["a/b", "..", "../x", "", "a\\b"])
@@ -217,8 +239,9 @@ def test_steps_going_backwards_warn_once(run_dir):
 def test_no_host_sync_between_flushes(run_dir, monkeypatch):
     """Between flushes, log() never reads a tensor back to the host."""
     mon = Monitor(run_dir=run_dir, run_id="exp", log_interval=50)
-    with mon.step(0) as h:  # step 0 is due: flushes
-        h.log(loss=torch.tensor(1.0))
+    for step in (0, 1):  # step 0 is due; its record is written when step 1 arrives
+        with mon.step(step) as h:
+            h.log(loss=torch.tensor(1.0))
     calls = []
     for name in ("item", "cpu", "tolist", "numpy", "__float__", "__bool__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -228,7 +251,7 @@ def test_no_host_sync_between_flushes(run_dir, monkeypatch):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    for step in range(1, 50):
+    for step in range(2, 50):
         with mon.step(step) as h:
             h.log(loss=torch.randn(()), lr=1e-4, extra={"acts": torch.randn(8, 4),
                                                         "bf": torch.randn(3).bfloat16()})

@@ -97,6 +97,7 @@ def out_of_step(rank, world_size, run_dir):
     try:
         with mon.step(step) as h:
             h.log(loss=1.0)
+        mon.finalize()
     except RankMismatchError as err:
         return str(err)
     return None
@@ -154,8 +155,8 @@ def late_rank1(rank, world_size, run_dir):
         mon = Monitor(run_dir=run_dir, run_id="late", log_interval=1, participation_timeout=0.5)
         with mon.step(0) as h:
             h.log(loss=float(rank))
+        mon.finalize()
         if rank == 0:
             dist.distributed_c10d._get_default_store().set("rank0-done", "1")
-        mon.finalize()
         time.sleep(0.1)
     return [str(w.message) for w in caught]
