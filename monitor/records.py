@@ -94,7 +94,8 @@ class SummaryTracker:
             entry["min"] = mean if entry["min"] is None else min(entry["min"], mean)
             entry["max"] = mean if entry["max"] is None else max(entry["max"], mean)
 
-    def to_dict(self, run_id: str, start_time: float, status: str) -> dict:
+    def to_dict(self, run_id: str, start_time: float, status: str,
+                error: str | None = None) -> dict:
         return {
             "run_id": run_id,
             "status": status,
@@ -103,5 +104,6 @@ class SummaryTracker:
             "start_time": start_time,
             "wall_time_s": time.time() - start_time,
             "schema_version": SCHEMA_VERSION,
+            "error": error,
             "metrics": self.modes,
         }

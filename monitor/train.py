@@ -259,8 +259,7 @@ class Monitor:
         self._write_summary("running", None)
 
     def _write_summary(self, status: str, error: str | None) -> None:
-        summary = self._summary.to_dict(self.run_id, self.session.start_time, status)
-        summary["error"] = error
+        summary = self._summary.to_dict(self.run_id, self.session.start_time, status, error)
         self.session.files.write_json(f"monitor_logs/{self.run_id}_summary.json", summary)
 
 

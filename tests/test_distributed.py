@@ -192,3 +192,15 @@ def test_world_of_three_equals_one_process_over_the_concatenated_inputs(tmp_path
         assert w["metrics"].keys() == o["metrics"].keys()
         for name in w["metrics"]:
             assert_matches(w["metrics"][name], o["metrics"][name], rel=1e-12)
+
+
+def test_contexts_without_values_and_a_silent_rank_neither_hang_nor_write_noise(tmp_path):
+    plan = [
+        [(0, "train", {}), (1, "train", {}), (2, "train", {"loss": [1.0]})],
+        [(0, "train", {}), (1, "train", {}), (2, "train", {})],
+    ]
+    out = run_world(workers.log_plan, 2, tmp_path, run_dir=str(tmp_path / "run"),
+                    run_id="e", plan=plan, interval=1)
+    recs = workers.read_jsonl(tmp_path / "run" / "monitor_logs" / "e.jsonl")
+    assert [(r["step"], r["metrics"]["loss"]["count"]) for r in recs] == [(2, 1)]
+    assert out[0]["calls"] == out[1]["calls"]
