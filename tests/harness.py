@@ -10,6 +10,7 @@ out.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -39,11 +40,18 @@ def _child(fn, rank, world_size, store_path, init, env, kwargs, results):
                 timeout=timedelta(seconds=GROUP_TIMEOUT_S),
             )
         value = fn(rank, world_size, **kwargs)
-        if init:
-            dist.destroy_process_group()
-        results.put((rank, "ok", value))
     except BaseException:  # report everything, including KeyboardInterrupt/SystemExit
         results.put((rank, "error", traceback.format_exc()))
+        results.close()
+        results.join_thread()
+        return
+    results.put((rank, "ok", value))
+    results.close()
+    results.join_thread()  # the report is on the pipe before any teardown can go wrong
+    if init:  # clean path only
+        dist.barrier()
+        dist.destroy_process_group()
+        gc.collect()  # gloo threads end while the interpreter is alive
 
 
 def run_world(fn, world_size, tmp_path, *, timeout=90.0, init=True, env=None, **kwargs):
