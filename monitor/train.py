@@ -128,11 +128,11 @@ class Monitor:
         self._summary = SummaryTracker()
         self._finalized = False
         self._warned_backwards = False
-        # Gradient accumulation shows as several train contexts at one step number. Until
-        # the run has shown whether it does that, a due record waits for the first call
-        # with a later step; a run seen to use one context per step writes at the exit.
+        # Gradient accumulation shows as several train contexts at one step number. Once
+        # the run has shown that, a due record waits for the first call with a later step
+        # (so every micro-batch of the due step is in it) instead of the context's exit.
         self._train_contexts_here = 0
-        self._accumulating: bool | None = None
+        self._accumulating = False
 
     # -- public API ---------------------------------------------------------------------
 
@@ -161,7 +161,7 @@ class Monitor:
         # Only on a clean exit: a rank that raised must not start a collective alone.
         if mode != "train":
             self._flush(mode, step)
-        elif self._pending == step and self._accumulating is False:
+        elif self._pending == step and not self._accumulating:
             self._flush("train", step)
             self._pending = None
 
@@ -216,8 +216,6 @@ class Monitor:
 
     def _advance(self, step: int) -> None:
         if self._current is not None and step > self._current:
-            if self._train_contexts_here == 1 and self._accumulating is None:
-                self._accumulating = False
             self._train_contexts_here = 0
         if self._pending is not None and step > self._pending:
             if "train" in self._dirty:

@@ -98,14 +98,18 @@ def test_ranks_with_different_metric_sets_reduce_the_union(tmp_path):
         assert rank_out["calls"] == union + union + ["all_reduce"] * 3
 
 
-def test_out_of_step_ranks_raise_on_every_rank(tmp_path):
-    messages = run_world(workers.out_of_step, 2, tmp_path, run_dir=str(tmp_path / "run"))
+@pytest.mark.parametrize("interval, where", [(10, "context"), (1000, "finalize")])
+def test_out_of_step_ranks_raise_on_every_rank(tmp_path, interval, where):
+    messages = run_world(workers.out_of_step, 2, tmp_path, run_dir=str(tmp_path / "run"),
+                         interval=interval)
     for msg in messages:
-        assert msg is not None and "same step numbers" in msg
-        assert "10..20" in msg
-    assert not (tmp_path / "run" / "monitor_logs" / "oos.jsonl").read_text()
-    summary = json.loads((tmp_path / "run" / "monitor_logs" / "oos_summary.json").read_text())
-    assert (summary["status"], summary["error"]) == ("failed", "RankMismatchError")
+        assert msg is not None and msg.startswith(where)
+        assert "same step numbers" in msg and "10..20" in msg
+    logs = tmp_path / "run" / "monitor_logs"
+    assert not (logs / "oos.jsonl").read_text()
+    if where == "finalize":
+        summary = json.loads((logs / "oos_summary.json").read_text())
+        assert (summary["status"], summary["error"]) == ("failed", "RankMismatchError")
 
 
 @pytest.mark.parametrize("num_metrics", [5, 5000])
@@ -113,9 +117,7 @@ def test_collectives_per_flush_do_not_depend_on_metric_count(tmp_path, num_metri
     per_rank = run_world(workers.many_metrics, 2, tmp_path, run_dir=str(tmp_path / "run"),
                          num_metrics=num_metrics, steps=7, interval=3)
     for per_step in per_rank:
-        # step 0's record waits for step 1 (the run has not yet shown whether it repeats
-        # step numbers); from then on a due step flushes at its context's exit
-        assert per_step == [0, 3, 0, 3, 0, 0, 3]
+        assert per_step == [3, 0, 0, 3, 0, 0, 3]
 
 
 def test_rank0_only_monitor_finishes_and_writes_local_statistics(tmp_path):

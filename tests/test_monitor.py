@@ -63,18 +63,31 @@ def test_gradient_accumulation_repeats_a_step_without_losing_or_double_counting(
 
 
 def test_accumulated_micro_batches_of_a_due_step_stay_in_its_record(run_dir):
-    """With repeated step numbers the due record waits for the first later step."""
+    """Once a run repeats step numbers, a due record waits for the first later step."""
     mon = Monitor(run_dir=run_dir, run_id="exp", log_interval=5)
-    for step in range(0, 11):
+    for step in range(1, 11):
         for micro in range(2):
             with mon.step(step) as h:
                 h.log(loss=float(step))
             if step == 5 and micro == 1:
-                assert [r["step"] for r in read_jsonl(paths(run_dir)[0])] == [0]
+                assert read_jsonl(paths(run_dir)[0]) == []
+            if step == 6 and micro == 0:
+                assert [r["step"] for r in read_jsonl(paths(run_dir)[0])] == [5]
     mon.finalize()
     recs = read_jsonl(paths(run_dir)[0])
-    assert [(r["step"], r["metrics"]["loss"]["count"]) for r in recs] == [(0, 2), (5, 10),
-                                                                         (10, 10)]
+    assert [(r["step"], r["metrics"]["loss"]["count"]) for r in recs] == [(5, 10), (10, 10)]
+
+
+def test_a_first_due_step_before_any_repeat_is_written_at_its_exit(run_dir):
+    """Step 0 is due before the run has repeated a step: its later micro-batches go on."""
+    mon = Monitor(run_dir=run_dir, run_id="exp", log_interval=5)
+    for step in range(0, 6):
+        for _ in range(2):
+            with mon.step(step) as h:
+                h.log(loss=1.0)
+    mon.finalize()
+    recs = read_jsonl(paths(run_dir)[0])
+    assert [(r["step"], r["metrics"]["loss"]["count"]) for r in recs] == [(0, 1), (5, 11)]
 
 
 def test_a_step_reached_by_log_step_is_written_at_the_first_later_call(run_dir):
@@ -239,9 +252,8 @@ def test_steps_going_backwards_warn_once(run_dir):
 def test_no_host_sync_between_flushes(run_dir, monkeypatch):
     """Between flushes, log() never reads a tensor back to the host."""
     mon = Monitor(run_dir=run_dir, run_id="exp", log_interval=50)
-    for step in (0, 1):  # step 0 is due; its record is written when step 1 arrives
-        with mon.step(step) as h:
-            h.log(loss=torch.tensor(1.0))
+    with mon.step(0) as h:  # step 0 is due: flushes at its exit
+        h.log(loss=torch.tensor(1.0))
     calls = []
     for name in ("item", "cpu", "tolist", "numpy", "__float__", "__bool__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -251,7 +263,7 @@ def test_no_host_sync_between_flushes(run_dir, monkeypatch):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    for step in range(2, 50):
+    for step in range(1, 50):
         with mon.step(step) as h:
             h.log(loss=torch.randn(()), lr=1e-4, extra={"acts": torch.randn(8, 4),
                                                         "bf": torch.randn(3).bfloat16()})

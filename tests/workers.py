@@ -90,16 +90,22 @@ def many_metrics(rank, world_size, run_dir, num_metrics, steps, interval):
     return per_step
 
 
-def out_of_step(rank, world_size, run_dir):
-    """Rank r logs step 10 * (r + 1): every rank must raise RankMismatchError."""
-    mon = Monitor(run_dir=run_dir, run_id="oos", log_interval=10, participation="all")
-    step = 10 * (rank + 1)
+def out_of_step(rank, world_size, run_dir, interval):
+    """Rank r logs step 10 * (r + 1): every rank must raise RankMismatchError.
+
+    With ``interval=10`` both steps are due and the error comes at the context's exit;
+    with a large interval it comes from the pending record that ``finalize()`` writes.
+    """
+    mon = Monitor(run_dir=run_dir, run_id="oos", log_interval=interval, participation="all")
     try:
-        with mon.step(step) as h:
+        with mon.step(10 * (rank + 1)) as h:
             h.log(loss=1.0)
+    except RankMismatchError as err:
+        return "context: " + str(err)
+    try:
         mon.finalize()
     except RankMismatchError as err:
-        return str(err)
+        return "finalize: " + str(err)
     return None
 
 
