@@ -12,7 +12,8 @@ Usage::
 ``log`` never waits for the device: tensors stay on their device, Python numbers on the
 host, until the flush. The record labelled ``s`` holds every value logged since the
 previous record at steps up to and including ``s``; it is written at the exit of step
-``s``'s context (or at the first call with a later step when ``s`` had no context), and
+``s``'s context, or at the first call with a later step when ``s`` had no context or the
+run has shown gradient accumulation (several train contexts at one step number), and
 ``finalize()`` writes whatever is pending. ``mode="eval"``/``"val"``/``"test"`` contexts
 write one record at every exit.
 

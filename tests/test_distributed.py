@@ -206,3 +206,21 @@ def test_contexts_without_values_and_a_silent_rank_neither_hang_nor_write_noise(
     recs = workers.read_jsonl(tmp_path / "run" / "monitor_logs" / "e.jsonl")
     assert [(r["step"], r["metrics"]["loss"]["count"]) for r in recs] == [(2, 1)]
     assert out[0]["calls"] == out[1]["calls"]
+
+
+def test_eval_records_reduce_every_rank_at_every_exit(tmp_path):
+    plan = []
+    for rank in range(2):
+        items = []
+        for step in range(1, 7):
+            items.append((step, "train", {"loss": [float(rank + step)]}))
+            if step % 3 == 0:
+                items.append((step, "eval", {"loss": np.arange(rank + 2, dtype=float)}))
+        plan.append(items)
+    run_world(workers.log_plan, 2, tmp_path, run_dir=str(tmp_path / "run"), run_id="ev",
+              plan=plan, interval=3)
+    recs = workers.read_jsonl(tmp_path / "run" / "monitor_logs" / "ev.jsonl")
+    assert [(r["step"], r["mode"]) for r in recs] == [
+        (3, "train"), (3, "eval"), (6, "train"), (6, "eval")]
+    assert_matches(recs[1]["metrics"]["loss"], reference_stats([[0, 1], [0, 1, 2]]))
+    assert_matches(recs[2]["metrics"]["loss"], reference_stats([[4, 5, 6], [5, 6, 7]]))

@@ -273,3 +273,29 @@ def test_no_host_sync_between_flushes(run_dir, monkeypatch):
     assert calls  # the flush is where the host reads results
     monkeypatch.undo()
     mon.finalize()
+
+
+def test_one_process_without_a_group_issues_no_collective(run_dir):
+    from workers import count_collectives
+
+    counter = count_collectives()
+    try:
+        mon = Monitor(run_dir=run_dir, run_id="exp", log_interval=2)
+        for step in range(5):
+            with mon.step(step) as h:
+                h.log(loss=float(step))
+        mon.finalize()
+    finally:
+        counter["restore"]()
+    assert counter["calls"] == []
+    assert len(read_jsonl(paths(run_dir)[0])) == 3
+
+
+def test_participation_arguments_are_checked(run_dir, monkeypatch):
+    with pytest.raises(ValueError, match="participation must be one of"):
+        Monitor(run_dir=run_dir, run_id="exp", participation="some")
+    with pytest.raises(ValueError, match="participation_timeout must be > 0"):
+        Monitor(run_dir=run_dir, run_id="exp", participation_timeout=0)
+    monkeypatch.setenv("MONITOR_PARTICIPATION_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="MONITOR_PARTICIPATION_TIMEOUT"):
+        Monitor(run_dir=run_dir, run_id="exp")
