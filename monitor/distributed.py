@@ -68,7 +68,7 @@ def detect_world() -> WorldInfo:
 
 
 def participation_timeout(value: float | None) -> float:
-    """The bounded wait for other ranks: ``value``, else $MONITOR_PARTICIPATION_TIMEOUT, else 10 s."""
+    """Seconds to wait for the other ranks: ``value``, $MONITOR_PARTICIPATION_TIMEOUT or 10."""
     if value is None:
         raw = os.environ.get(_TIMEOUT_ENV, str(DEFAULT_PARTICIPATION_TIMEOUT_S))
         try:
@@ -208,8 +208,8 @@ class Reducer:
             return layout, rows.cpu()  # host sync: once per flush
         blob = json.dumps(layout, separators=(",", ":")).encode()
         num = rows.shape[0]
-        mine = [step, -step, _code(mode), -_code(mode), _code(blob.decode()), 0, num, -num, len(blob)]
-        mine[5] = -mine[4]
+        mode_code, schema = _code(mode), _code(blob.decode())
+        mine = [step, -step, mode_code, -mode_code, schema, -schema, num, -num, len(blob)]
         header = torch.tensor(mine, dtype=torch.int64, device=self.device)
         dist.all_reduce(header, op=dist.ReduceOp.MAX)
         h = dict(zip(self.HEADER, header.tolist()))  # host sync: once per flush (header)

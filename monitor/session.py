@@ -27,7 +27,7 @@ def validate_run_id(run_id: object) -> str:
     """A run id is a single, non-empty path component."""
     if not isinstance(run_id, str) or not run_id.strip():
         raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
-    if "/" in run_id or "\\" in run_id or os.sep in run_id or run_id in (".", "..") or ".." in run_id:
+    if "/" in run_id or "\\" in run_id or os.sep in run_id or ".." in run_id or run_id == ".":
         raise ValueError(f"run_id must not contain a path separator or '..', got {run_id!r}")
     return run_id
 
@@ -71,7 +71,8 @@ class MonitorSession:
             warnings.warn(
                 f"monitor: RANK={self.world.rank} of WORLD_SIZE={self.world.world_size} but no "
                 "process group is initialised: statistics are this process's own and only "
-                "RANK 0 writes files (build the monitor after init_process_group for global statistics)",
+                "RANK 0 writes files (build the monitor after init_process_group for global "
+                "statistics)",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -108,7 +108,7 @@ def test_eval_contexts_write_at_every_exit_and_keep_train_separate(run_dir):
         h.log(loss=5.0)
     for step in (2, 3):
         with mon.step(step, mode="eval") as h:
-            h.log(loss=[1.0, 3.0] if False else np.array([1.0, 3.0]))
+            h.log(loss=np.array([1.0, 3.0]))
     mon.finalize()
     recs = read_jsonl(paths(run_dir)[0])
     assert [(r["step"], r["mode"]) for r in recs] == [(2, "eval"), (3, "eval"), (3, "train")]
