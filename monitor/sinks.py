@@ -114,16 +114,25 @@ class RunFiles:
             return None
         return data if isinstance(data, dict) else None
 
-    def write_json(self, relative: str, obj: dict) -> None:
-        """Replace a JSON file atomically: readers see the old or the new file, never half."""
+    def write_json(self, relative: str, obj: dict, *, pretty: bool = True,
+                   durable: bool = True) -> None:
+        """Replace a JSON file atomically: readers see the old or the new file, never half.
+
+        Args:
+            pretty: indent for people (Python's encoder: slow for thousands of metrics).
+            durable: ``fsync`` before the rename, so the new file survives a machine crash
+                (a process crash never leaves half a file either way).
+        """
         target = self.path(relative)
         target.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(obj, allow_nan=False, indent=2) if pretty else dumps(obj)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(obj, allow_nan=False, indent=2) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                f.write(text + "\n")
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException:
             if os.path.exists(tmp):
@@ -148,5 +157,6 @@ class NullRunFiles:
     def read_json(self, relative: str) -> dict | None:
         return None
 
-    def write_json(self, relative: str, obj: dict) -> None:
+    def write_json(self, relative: str, obj: dict, *, pretty: bool = True,
+                   durable: bool = True) -> None:
         pass

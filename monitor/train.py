@@ -259,7 +259,9 @@ class Monitor:
 
     def _write_summary(self, status: str, error: str | None) -> None:
         summary = self._summary.to_dict(self.run_id, self.session.start_time, status, error)
-        self.session.files.write_json(f"monitor_logs/{self.run_id}_summary.json", summary)
+        # Rewritten at every record: compact, and fsynced only once the run has ended.
+        self.session.files.write_json(f"monitor_logs/{self.run_id}_summary.json", summary,
+                                      pretty=False, durable=status != "running")
 
 
 class _Discard:
