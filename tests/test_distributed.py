@@ -224,3 +224,14 @@ def test_eval_records_reduce_every_rank_at_every_exit(tmp_path):
         (3, "train"), (3, "eval"), (6, "train"), (6, "eval")]
     assert_matches(recs[1]["metrics"]["loss"], reference_stats([[0, 1], [0, 1, 2]]))
     assert_matches(recs[2]["metrics"]["loss"], reference_stats([[4, 5, 6], [5, 6, 7]]))
+
+
+def test_a_rank0_only_eval_monitor_beside_a_global_one(tmp_path):
+    run_world(workers.rank0_eval_beside_global_train, 2, tmp_path, run_dir=str(tmp_path / "r"))
+    logs = tmp_path / "r" / "monitor_logs"
+    train = workers.read_jsonl(logs / "tr.jsonl")
+    assert [(r["step"], r["metrics"]["loss"]["count"]) for r in train] == [(2, 4), (4, 4)]
+    evals = workers.read_jsonl(logs / "tr-eval.jsonl")
+    assert [(r["step"], r["mode"]) for r in evals] == [(2, "eval"), (4, "eval")]
+    assert json.loads((logs / "tr_meta.json").read_text())["participation"]["decision"] \
+        == "all_ranks"

@@ -166,3 +166,19 @@ def late_rank1(rank, world_size, run_dir):
             dist.distributed_c10d._get_default_store().set("rank0-done", "1")
         time.sleep(0.1)
     return [str(w.message) for w in caught]
+
+
+def rank0_eval_beside_global_train(rank, world_size, run_dir):
+    """The documented pattern: a global train monitor plus a rank-0-only eval monitor."""
+    train = Monitor(run_dir=run_dir, run_id="tr", log_interval=2)
+    evals = Monitor(run_dir=run_dir, run_id="tr-eval", participation="local") if rank == 0 \
+        else None
+    for step in range(1, 5):
+        with train.step(step) as h:
+            h.log(loss=float(rank))
+        if evals is not None and step % 2 == 0:
+            with evals.step(step, mode="eval") as h:
+                h.log(acc=0.5)
+    train.finalize()
+    if evals is not None:
+        evals.finalize()
