@@ -6,9 +6,13 @@ import operator
 
 
 def check_interval(name: str, value: object) -> int:
-    """``value`` as a positive int, or a ValueError/TypeError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a positive int (numpy ints too), else ValueError/TypeError naming ``name``."""
+    if isinstance(value, bool) or type(value).__module__.startswith("torch"):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value

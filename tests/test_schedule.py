@@ -44,6 +44,7 @@ def test_interval_must_be_an_int(bad):
 
 def test_step_accepts_numpy_ints_and_refuses_tensors_and_negatives():
     assert check_step(np.int64(7)) == 7
+    assert check_interval("log_interval", np.int64(5)) == 5
     with pytest.raises(TypeError, match="Python int"):
         check_step(torch.tensor(3))
     with pytest.raises(ValueError, match=">= 0"):
