@@ -66,3 +66,15 @@ def test_reset_empties_rows_without_reallocating():
         slots.reset()
     assert slots._acc[torch.device("cpu")].data_ptr() == ptr
     assert value_stats(slots.local_rows(["a"], torch.device("cpu"))[0].tolist())["count"] == 0
+
+
+def test_update_samples_folds_every_element_and_skips_empty_tensors():
+    slots = StatSlots(["g"])
+    x = torch.randn(4, 5, dtype=torch.bfloat16)
+    slots.update_samples("g", x)
+    slots.update_samples("g", torch.empty(0))
+    slots.update_samples("g", torch.tensor([float("inf")]))
+    got = value_stats(slots.local_rows(["g"], torch.device("cpu"))[0].tolist())
+    assert_matches(got, reference_stats([x.double().numpy(), [np.inf]]))
+    with pytest.raises(KeyError, match="not declared"):
+        slots.update_samples("h", x)
