@@ -7,7 +7,7 @@ import pytest
 
 
 def reference_stats(values) -> dict:
-    x = np.concatenate([np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in values])
+    x = np.concatenate([np.ravel(np.asarray(v, dtype=np.float64)) for v in values])
     finite = x[np.isfinite(x)]
     out = {"count": int(finite.size), "nonfinite": int(x.size - finite.size)}
     if finite.size:
