@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
+
+import torch
 
 from monitor import stats
 
@@ -22,33 +24,31 @@ SCHEMA_VERSION = 1
 
 def value_stats(row) -> dict:
     """The JSON object for one reduced row (a sequence of 6 host floats)."""
-    count = int(row[stats.COUNT])
-    nonfinite = int(row[stats.NONFINITE])
-    if count == 0:
-        return {"mean": None, "std": None, "min": None, "max": None, "count": 0,
-                "nonfinite": nonfinite}
-    var = max(row[stats.M2] / count, 0.0)
-    return {
-        "mean": _finite_or_none(row[stats.MEAN]),
-        "std": _finite_or_none(math.sqrt(var)),
-        "min": _finite_or_none(row[stats.MIN]),
-        "max": _finite_or_none(row[stats.MAX]),
-        "count": count,
-        "nonfinite": nonfinite,
-    }
+    return metrics_of(["_"], torch.tensor([list(row)], dtype=stats.DTYPE)).get(
+        "_", _EMPTY | {"nonfinite": 0})
 
 
-def _finite_or_none(x: float) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
+_EMPTY = {"mean": None, "std": None, "min": None, "max": None, "count": 0}
 
 
-def metrics_of(names: Iterable[str], rows) -> dict[str, dict]:
-    """``{name: value_stats}`` for the names that saw anything (finite or not)."""
+def metrics_of(names: Sequence[str], rows: torch.Tensor) -> dict[str, dict]:
+    """``{name: value object}`` for the names whose rows saw anything (finite or not).
+
+    ``rows`` are reduced rows on the CPU, one per name. The arithmetic is vectorised; only
+    building the dicts is per metric.
+    """
+    count, nonfinite = rows[:, stats.COUNT], rows[:, stats.NONFINITE]
+    std = (rows[:, stats.M2] / count.clamp(min=1.0)).clamp(min=0.0).sqrt()
+    table = torch.stack([rows[:, stats.MEAN], std, rows[:, stats.MIN], rows[:, stats.MAX]], 1)
+    table = torch.where(torch.isfinite(table) & (count > 0).unsqueeze(1), table, math.nan)
+    seen = ((count > 0) | (nonfinite > 0)).tolist()
+    counts, nonfinites, values = count.tolist(), nonfinite.tolist(), table.tolist()
     out = {}
-    for name, row in zip(names, rows):
-        if row[stats.COUNT] > 0 or row[stats.NONFINITE] > 0:
-            out[name] = value_stats(row)
+    for i, name in enumerate(names):
+        if seen[i]:
+            mean, sd, lo, hi = (v if v == v else None for v in values[i])  # NaN -> null
+            out[name] = {"mean": mean, "std": sd, "min": lo, "max": hi,
+                         "count": int(counts[i]), "nonfinite": int(nonfinites[i])}
     return out
 
 

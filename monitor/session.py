@@ -101,15 +101,14 @@ class MonitorSession:
         return self._reducer
 
     def reduce(self, layout: dict[str, list[str]], rows: torch.Tensor, step: int, mode: str):
-        """Reduce packed rows; returns ``{group: (names, host rows as lists)}`` or None."""
+        """Reduce packed rows; returns ``{group: (names, reduced CPU rows)}`` or None."""
         reducer = self.reducer()
         if reducer is None:
             return None
         union, reduced = reducer.reduce(layout, rows, step, mode)
-        host = reduced.tolist()
         out, start = {}, 0
         for group, names in union.items():
-            out[group] = (names, host[start : start + len(names)])
+            out[group] = (names, reduced[start : start + len(names)])
             start += len(names)
         return out
 

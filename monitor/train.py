@@ -30,6 +30,7 @@ each ``extra`` key     same object
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import warnings
@@ -41,6 +42,8 @@ from monitor.session import MonitorSession
 from monitor.slots import StatSlots, as_samples
 
 MODES = ("train", "eval", "val", "test")
+SUMMARY_EVERY_S = 30.0
+"""The running summary is rewritten after a record at most this often (and at finalize)."""
 
 
 class StepHandle:
@@ -127,6 +130,7 @@ class Monitor:
         self._pending: int | None = None
         self._current: int | None = None
         self._summary = SummaryTracker()
+        self._summary_written_at = -math.inf
         self._finalized = False
         self._warned_backwards = False
         # Gradient accumulation shows as several train contexts at one step number. Once
@@ -248,16 +252,18 @@ class Monitor:
         reduced = self.session.reduce({mode: order}, rows, step, mode)
         if reduced is None:
             return
-        names, host_rows = reduced.get(mode, ([], []))
+        names, host_rows = reduced[mode]
         slots.declare(names)  # adopt the union so the next flush takes the fast path
         metrics = metrics_of(names, host_rows)
         if not metrics:
             return
         self._sink.write(record(step, mode, self.session.world_size, metrics))
         self._summary.add(step, mode, metrics)
-        self._write_summary("running", None)
+        if time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_S:
+            self._write_summary("running", None)
 
     def _write_summary(self, status: str, error: str | None) -> None:
+        self._summary_written_at = time.monotonic()
         summary = self._summary.to_dict(self.run_id, self.session.start_time, status, error)
         # Rewritten at every record: compact, and fsynced only once the run has ended.
         self.session.files.write_json(f"monitor_logs/{self.run_id}_summary.json", summary,
