@@ -42,8 +42,7 @@ class JsonlSink:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.existed = path.exists() and path.stat().st_size > 0
-        if self.existed:
+        if path.exists() and path.stat().st_size > 0:
             _truncate_partial_last_line(path)
         else:
             path.touch()
@@ -57,8 +56,6 @@ class JsonlSink:
 
 class NullSink:
     """What non-writing ranks hold: accepts records, writes nothing."""
-
-    existed = False
 
     def write(self, record: dict) -> None:
         pass

@@ -84,12 +84,6 @@ class StatSlots:
     def names(self) -> list[str]:
         return list(self._index)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._index
-
-    def __len__(self) -> int:
-        return len(self._index)
-
     def declare(self, names: Iterable[str]) -> None:
         """Add slots for ``names`` that do not exist yet (host-side bookkeeping only)."""
         for name in names:
