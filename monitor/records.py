@@ -24,11 +24,7 @@ SCHEMA_VERSION = 1
 
 def value_stats(row) -> dict:
     """The JSON object for one reduced row (a sequence of 6 host floats)."""
-    return metrics_of(["_"], torch.tensor([list(row)], dtype=stats.DTYPE)).get(
-        "_", _EMPTY | {"nonfinite": 0})
-
-
-_EMPTY = {"mean": None, "std": None, "min": None, "max": None, "count": 0}
+    return _value_objects(torch.tensor([list(row)], dtype=stats.DTYPE), [True])[0]
 
 
 def metrics_of(names: Sequence[str], rows: torch.Tensor) -> dict[str, dict]:
@@ -37,27 +33,32 @@ def metrics_of(names: Sequence[str], rows: torch.Tensor) -> dict[str, dict]:
     ``rows`` are reduced rows on the CPU, one per name. The arithmetic is vectorised; only
     building the dicts is per metric.
     """
+    seen = ((rows[:, stats.COUNT] > 0) | (rows[:, stats.NONFINITE] > 0)).tolist()
+    return dict(zip((n for n, s in zip(names, seen) if s), _value_objects(rows, seen)))
+
+
+def _value_objects(rows: torch.Tensor, keep: list[bool]) -> list[dict]:
+    """One value object per row whose ``keep`` is True, in order."""
     count, nonfinite = rows[:, stats.COUNT], rows[:, stats.NONFINITE]
     std = (rows[:, stats.M2] / count.clamp(min=1.0)).clamp(min=0.0).sqrt()
     table = torch.stack([rows[:, stats.MEAN], std, rows[:, stats.MIN], rows[:, stats.MAX]], 1)
     table = torch.where(torch.isfinite(table) & (count > 0).unsqueeze(1), table, math.nan)
-    seen = ((count > 0) | (nonfinite > 0)).tolist()
     counts, nonfinites, values = count.tolist(), nonfinite.tolist(), table.tolist()
-    out = {}
-    for i, name in enumerate(names):
-        if seen[i]:
+    out = []
+    for i, wanted in enumerate(keep):
+        if wanted:
             mean, sd, lo, hi = (v if v == v else None for v in values[i])  # NaN -> null
-            out[name] = {"mean": mean, "std": sd, "min": lo, "max": hi,
-                         "count": int(counts[i]), "nonfinite": int(nonfinites[i])}
+            out.append({"mean": mean, "std": sd, "min": lo, "max": hi,
+                        "count": int(counts[i]), "nonfinite": int(nonfinites[i])})
     return out
 
 
-def record(step: int, mode: str | None, world_size: int, metrics: dict, **extra) -> dict:
+def record(step: int, mode: str | None, world_size: int, metrics: dict) -> dict:
     """One JSONL record: step, mode (when it applies), wall time, world size, metrics."""
     rec: dict = {"step": step}
     if mode is not None:
         rec["mode"] = mode
-    rec.update(time=time.time(), world_size=world_size, **extra, metrics=metrics)
+    rec.update(time=time.time(), world_size=world_size, metrics=metrics)
     return rec
 
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 import operator
 
 
+def _as_int(name: str, value: object) -> int:
+    """A Python or numpy int; bools and torch tensors refused (reading one is a host sync)."""
+    if not isinstance(value, bool) and not type(value).__module__.startswith("torch"):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+
+
 def check_interval(name: str, value: object) -> int:
     """``value`` as a positive int (numpy ints too), else ValueError/TypeError naming ``name``."""
-    if isinstance(value, bool) or type(value).__module__.startswith("torch"):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    value = _as_int(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value
@@ -20,12 +25,7 @@ def check_interval(name: str, value: object) -> int:
 
 def check_step(step: object) -> int:
     """A step number: a non-negative int (numpy ints accepted; tensors refused: no host sync)."""
-    if isinstance(step, bool) or type(step).__module__.startswith("torch"):
-        raise TypeError(f"step must be a Python int, got {type(step).__name__}")
-    try:
-        value = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step must be a Python int, got {type(step).__name__}") from None
+    value = _as_int("step", step)
     if value < 0:
         raise ValueError(f"step must be >= 0, got {value}")
     return value

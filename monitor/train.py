@@ -265,7 +265,7 @@ class Monitor:
     def _write_summary(self, status: str, error: str | None) -> None:
         self._summary_written_at = time.monotonic()
         summary = self._summary.to_dict(self.run_id, self.session.start_time, status, error)
-        # Rewritten at every record: compact, and fsynced only once the run has ended.
+        # Rewritten often while running: compact, and fsynced only once the run has ended.
         self.session.files.write_json(f"monitor_logs/{self.run_id}_summary.json", summary,
                                       pretty=False, durable=status != "running")
 

@@ -26,6 +26,13 @@ class WorldFailure(AssertionError):
     pass
 
 
+def _report(results, message) -> None:
+    """Put ``message`` on the pipe now, before any teardown can go wrong."""
+    results.put(message)
+    results.close()
+    results.join_thread()
+
+
 def _child(fn, rank, world_size, store_path, init, env, kwargs, results):
     os.environ.update({k: v.format(rank=rank) for k, v in (env or {}).items()})
     import torch
@@ -41,13 +48,9 @@ def _child(fn, rank, world_size, store_path, init, env, kwargs, results):
             )
         value = fn(rank, world_size, **kwargs)
     except BaseException:  # report everything, including KeyboardInterrupt/SystemExit
-        results.put((rank, "error", traceback.format_exc()))
-        results.close()
-        results.join_thread()
+        _report(results, (rank, "error", traceback.format_exc()))
         return
-    results.put((rank, "ok", value))
-    results.close()
-    results.join_thread()  # the report is on the pipe before any teardown can go wrong
+    _report(results, (rank, "ok", value))
     if init:  # clean path only
         dist.barrier()
         dist.destroy_process_group()
