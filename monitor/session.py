@@ -2,7 +2,8 @@
 
 One :class:`MonitorSession` per run folder and process. ``Monitor`` (training metrics) builds
 its own; the CogVLA facade shares one between the training monitor and its observers so
-that everything due at a step goes through one fused reduction.
+that everything due at a step goes through one fused reduction (``session.scheduler``, see
+:mod:`monitor.streams`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from monitor import distributed, records
 from monitor._version import __version__
 from monitor.sinks import NullRunFiles, RunFiles
+from monitor.streams import FlushScheduler
 
 
 def validate_run_id(run_id: object) -> str:
@@ -67,6 +69,7 @@ class MonitorSession:
         self.files = RunFiles(self.run_dir) if self.world.is_writer else NullRunFiles(self.run_dir)
         self.start_time = time.time()
         self._reducer: distributed.Reducer | None = None
+        self.scheduler = FlushScheduler(self.reduce, lambda: self.device)
         if self.participation.decision == distributed.NO_PROCESS_GROUP:
             warnings.warn(
                 f"monitor: RANK={self.world.rank} of WORLD_SIZE={self.world.world_size} but no "

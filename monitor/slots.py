@@ -78,6 +78,7 @@ class StatSlots:
         self._index: dict[str, int] = {}
         self._acc: dict[torch.device, torch.Tensor] = {}
         self._index_cache: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
+        self._name_index: dict[tuple[torch.device, tuple[str, ...]], torch.Tensor] = {}
         self.declare(names)
 
     @property
@@ -122,6 +123,20 @@ class StatSlots:
         if samples.numel():
             row = self._row(name)
             stats.combine_into_(self._acc_on(samples.device), row, stats.row_of_samples(samples))
+
+    def update_rows(self, names: tuple[str, ...], rows: torch.Tensor) -> None:
+        """Fold precomputed rows ``(len(names), 6)`` into the slots ``names`` (hook path).
+
+        ``names`` is a tuple the caller keeps (its index tensor is cached per device), with
+        no name twice.
+        """
+        acc = self._acc_on(rows.device)
+        key = (rows.device, names)
+        index = self._name_index.get(key)
+        if index is None:
+            index = self._index_on(rows.device, tuple(self._row(n) for n in names))
+            self._name_index[key] = index
+        stats.combine_into_(acc, index, rows)
 
     def local_rows(self, order: list[str], device: torch.device) -> torch.Tensor:
         """This process's rows for ``order`` (names it lacks stay empty), on ``device``."""

@@ -42,21 +42,59 @@ def reset_rows_(rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def row_of_samples(values: torch.Tensor) -> torch.Tensor:
+def row_of_samples(values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """One row (shape ``(1, 6)``) over every element of ``values``.
 
     Two-pass on the tensor itself (mean, then squared deviations), in float64.
-    The caller guarantees ``values.numel() > 0``.
+    ``valid`` (a bool tensor broadcastable to ``values``) leaves elements out entirely
+    (padding, samples a quantity does not apply to) without a data-dependent shape, so
+    no host sync. The caller guarantees ``values.numel() > 0``.
+    """
+    return rows_of_samples(values.reshape(1, -1),
+                           None if valid is None else valid.expand_as(values).reshape(1, -1))
+
+
+def rows_of_samples(values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """One row per leading index of the 2-d ``values`` ``(k, n)``: shape ``(k, 6)``.
+
+    Several quantities of one hook call are summarised in one batch of kernels; a
+    quantity with fewer samples than ``n`` marks the rest invalid in ``valid`` ``(k, n)``.
+    """
+    x = values.detach().to(DTYPE)
+    finite = torch.isfinite(x)
+    if valid is None:
+        used = finite
+        nonfinite = x.shape[1] - finite.sum(dim=1, dtype=DTYPE)
+    else:
+        used = finite & valid
+        nonfinite = (valid & ~finite).sum(dim=1, dtype=DTYPE)
+    count = used.sum(dim=1, dtype=DTYPE)
+    mean = torch.where(used, x, 0.0).sum(dim=1) / count.clamp(min=1.0)
+    m2 = torch.where(used, (x - mean.unsqueeze(1)).square(), 0.0).sum(dim=1)
+    lo = torch.where(used, x, math.inf).amin(dim=1)
+    hi = torch.where(used, x, -math.inf).amax(dim=1)
+    return torch.stack([count, mean, m2, lo, hi, nonfinite], dim=1)
+
+
+def rows_of_bins(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Count-only rows of a histogram of ``values``: shape ``(len(edges) + 2, 6)``.
+
+    Row 0 counts values below ``edges[0]``, row ``i`` (1 <= i < len(edges)) those in
+    ``[edges[i-1], edges[i])``, row ``len(edges)`` those at or above ``edges[-1]`` and the
+    last row the non-finite values. Only COUNT is filled (each row is "COUNT samples, all
+    0"), so bins add up across calls and ranks through the ordinary row reduction.
     """
     x = values.detach().reshape(-1).to(DTYPE)
-    finite = torch.isfinite(x)
-    count = finite.sum(dtype=DTYPE)
-    mean = torch.where(finite, x, 0.0).sum() / count.clamp(min=1.0)
-    m2 = torch.where(finite, (x - mean).square(), 0.0).sum()
-    lo = torch.where(finite, x, math.inf).amin()
-    hi = torch.where(finite, x, -math.inf).amax()
-    nonfinite = x.numel() - count
-    return torch.stack([count, mean, m2, lo, hi, nonfinite]).unsqueeze(0)
+    nbins = edges.numel() + 2
+    idx = torch.bucketize(x, edges.to(x.device, DTYPE), right=True)
+    idx = torch.where(torch.isfinite(x), idx, nbins - 1)
+    counts = torch.zeros(nbins, dtype=DTYPE, device=x.device)
+    counts.scatter_add_(0, idx, torch.ones_like(x))  # not bincount: that syncs on CUDA
+    rows = torch.zeros(nbins, NUM_COLS, dtype=DTYPE, device=x.device)
+    rows[:, COUNT] = counts
+    rows[:, MIN] = math.inf
+    rows[:, MAX] = -math.inf
+    return rows
 
 
 def rows_of_scalars(values: torch.Tensor) -> torch.Tensor:

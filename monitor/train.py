@@ -37,9 +37,10 @@ import warnings
 from collections.abc import Iterator, Mapping
 
 from monitor.records import SummaryTracker, metrics_of, record
-from monitor.schedule import IntervalSchedule, check_step
+from monitor.schedule import check_step
 from monitor.session import MonitorSession
 from monitor.slots import StatSlots, as_samples
+from monitor.streams import Stream
 
 MODES = ("train", "eval", "val", "test")
 SUMMARY_EVERY_S = 30.0
@@ -83,6 +84,30 @@ class StepHandle:
         self._monitor._add(self.mode, values)
 
 
+class _ModeStream(Stream):
+    """The records of one mode: its slots, its JSONL sink, its summary entries."""
+
+    def __init__(self, monitor: Monitor, mode: str, interval: int | None) -> None:
+        super().__init__(mode, interval, "log_interval")
+        self.monitor, self.mode = monitor, mode
+        self.slots = StatSlots()
+        self.dirty = False  # a context of this mode was entered since the last flush
+
+    def has_data(self) -> bool:
+        return self.dirty
+
+    def take_rows(self, device):
+        order = sorted(self.slots.names)
+        rows = self.slots.local_rows(order, device)
+        self.slots.reset()
+        self.dirty = False
+        return order, rows
+
+    def emit(self, label: int, names: list[str], rows) -> None:
+        self.slots.declare(names)  # adopt the union so the next flush takes the fast path
+        self.monitor._write_record(label, self.mode, metrics_of(names, rows))
+
+
 class Monitor:
     """Training metrics of one run, reduced over every participating rank.
 
@@ -95,7 +120,8 @@ class Monitor:
         participation: ``"auto"``, ``"all"`` or ``"local"`` (see ``MonitorSession``).
         participation_timeout: bounded wait, in seconds, for the other ranks' monitors.
         session: share an existing session (the CogVLA facade does); then the run and
-            participation arguments above are taken from it.
+            participation arguments above are taken from it, and due train records are
+            reduced together with the session's other due streams.
     """
 
     def __init__(
@@ -110,7 +136,7 @@ class Monitor:
         participation_timeout: float | None = None,
         session: MonitorSession | None = None,
     ) -> None:
-        self._schedule = IntervalSchedule(log_interval, "log_interval")
+        train = _ModeStream(self, "train", log_interval)
         self.log_interval = log_interval
         if session is None:
             if run_dir is None or run_id is None:
@@ -122,17 +148,16 @@ class Monitor:
             )
         self.session = session
         self.run_id = session.run_id
+        self._scheduler = session.scheduler
+        self._scheduler.add(train)
+        self._streams: dict[str, _ModeStream] = {"train": train}
         self._sink = session.files.jsonl(f"monitor_logs/{self.run_id}.jsonl")
         self.jsonl_path = session.files.path(f"monitor_logs/{self.run_id}.jsonl")
         self.summary_path = session.files.path(f"monitor_logs/{self.run_id}_summary.json")
-        self._slots: dict[str, StatSlots] = {"train": StatSlots()}
-        self._dirty: set[str] = set()
-        self._pending: int | None = None
-        self._current: int | None = None
+        self._last: int | None = None
         self._summary = SummaryTracker()
         self._summary_written_at = -math.inf
         self._finalized = False
-        self._warned_backwards = False
         # Gradient accumulation shows as several train contexts at one step number. Once
         # the run has shown that, a due record waits for the first call with a later step
         # (so every micro-batch of the due step is in it) instead of the context's exit.
@@ -156,8 +181,10 @@ class Monitor:
             self._train_contexts_here += 1
             if self._train_contexts_here > 1:
                 self._accumulating = True
-        self._slots.setdefault(mode, StatSlots())
-        self._dirty.add(mode)
+        stream = self._streams.get(mode)
+        if stream is None:
+            stream = self._streams[mode] = _ModeStream(self, mode, None)
+        stream.dirty = True
         handle = StepHandle(self, step, mode)
         try:
             yield handle
@@ -165,10 +192,9 @@ class Monitor:
             handle._open = False
         # Only on a clean exit: a rank that raised must not start a collective alone.
         if mode != "train":
-            self._flush(mode, step)
-        elif self._pending == step and not self._accumulating:
-            self._flush("train", step)
-            self._pending = None
+            self._scheduler.flush([stream], mode=mode, label=step)
+        elif self._scheduler.is_due(stream, step) and not self._accumulating:
+            self._scheduler.flush_due(step)
 
     def log_step(self, step: int) -> None:
         """Tell the monitor the run is at ``step`` (may repeat under gradient accumulation)."""
@@ -201,60 +227,37 @@ class Monitor:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _finish(self, status: str, error: str | None) -> str:
+    def _finish(self, status: str, error: str | None, *, flush: bool = True) -> str:
         if self._finalized:
             return str(self.summary_path)
         self._finalized = True
         try:
-            if status == "completed":
-                for mode in sorted(self._dirty):
-                    label = self._pending if mode == "train" and self._pending is not None \
-                        else self._current
-                    self._flush(mode, label)
+            if status == "completed" and flush:
+                for mode in sorted(self._streams):
+                    stream = self._streams[mode]
+                    if stream.dirty:
+                        self._scheduler.flush([stream], mode=mode)
         except BaseException as exc:
             status, error = "failed", type(exc).__name__
             raise
         finally:
+            self._scheduler.remove(self._streams["train"])
             self._write_summary(status, error)
             self.session.update_meta(end_time=time.time(), status=status, error=error)
         return str(self.summary_path)
 
     def _advance(self, step: int) -> None:
-        if self._current is not None and step > self._current:
+        if self._last is not None and step > self._last:
             self._train_contexts_here = 0
-        if self._pending is not None and step > self._pending:
-            if "train" in self._dirty:
-                self._flush("train", self._pending)
-            self._pending = None
-        if self._current is not None and step < self._current and not self._warned_backwards:
-            self._warned_backwards = True
-            warnings.warn(
-                f"monitor: step went backwards ({self._current} -> {step}); records keep "
-                "their order of arrival",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        if self._schedule.reaches_new_multiple(step):
-            self._pending = step
-        self._current = step if self._current is None else max(self._current, step)
+        self._last = step if self._last is None else max(self._last, step)
+        self._scheduler.advance(step)
 
     def _add(self, mode: str, values: dict) -> None:
-        slots = self._slots[mode]
+        slots = self._streams[mode].slots
         slots.declare(values)
         slots.update(values)
 
-    def _flush(self, mode: str, step: int) -> None:
-        slots = self._slots[mode]
-        order = sorted(slots.names)
-        rows = slots.local_rows(order, self.session.device)
-        slots.reset()
-        self._dirty.discard(mode)
-        reduced = self.session.reduce({mode: order}, rows, step, mode)
-        if reduced is None:
-            return
-        names, host_rows = reduced[mode]
-        slots.declare(names)  # adopt the union so the next flush takes the fast path
-        metrics = metrics_of(names, host_rows)
+    def _write_record(self, step: int, mode: str, metrics: dict) -> None:
         if not metrics:
             return
         self._sink.write(record(step, mode, self.session.world_size, metrics))
