@@ -5,6 +5,9 @@ Public entry points:
 * :class:`monitor.Monitor`: training scalars (loss, lr, extras), reduced across ranks at an
   interval and written by rank 0 to ``{run_dir}/monitor_logs/``.
 * :class:`monitor.MonitorSession`: the shared run state (participation, reducer, meta).
+* :mod:`monitor.pruning`: generic observers (``PruningObserver``, ``FiLMObserver``,
+  ``MoERouterObserver``, ``AggregationObserver``) fed by model adapters;
+  ``monitor.pruning.adapters.cogvla.CogVLAMonitoring`` is the CogVLA facade.
 
 See ``monitor/README.md`` for the log tree and every field.
 """
@@ -13,5 +16,14 @@ from monitor._version import __version__
 from monitor.distributed import RankMismatchError
 from monitor.session import MonitorSession
 from monitor.train import Monitor, StepHandle
+from monitor.observer import Observer  # noqa: E402  (after Monitor: observers build on it)
+from monitor.pruning import (  # noqa: E402
+    AggregationObserver,
+    FiLMObserver,
+    MoERouterObserver,
+    PruningObserver,
+)
 
-__all__ = ["Monitor", "MonitorSession", "RankMismatchError", "StepHandle", "__version__"]
+__all__ = ["AggregationObserver", "FiLMObserver", "Monitor", "MoERouterObserver",
+           "MonitorSession", "Observer", "PruningObserver", "RankMismatchError", "StepHandle",
+           "__version__"]

@@ -76,6 +76,20 @@ def rows_of_samples(values: torch.Tensor, valid: torch.Tensor | None = None) -> 
     return torch.stack([count, mean, m2, lo, hi, nonfinite], dim=1)
 
 
+def constant_rows(values: list[float], count: int) -> torch.Tensor:
+    """Rows on the CPU for host numbers each seen ``count`` times (no device work)."""
+    rows = torch.zeros(len(values), NUM_COLS, dtype=DTYPE)
+    v = torch.tensor(values, dtype=DTYPE)
+    finite = torch.isfinite(v)
+    n = torch.where(finite, float(count), 0.0)
+    rows[:, COUNT] = n
+    rows[:, MEAN] = torch.where(finite, v, 0.0)
+    rows[:, MIN] = torch.where(finite, v, math.inf)
+    rows[:, MAX] = torch.where(finite, v, -math.inf)
+    rows[:, NONFINITE] = count - n
+    return rows
+
+
 def rows_of_bins(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """Count-only rows of a histogram of ``values``: shape ``(len(edges) + 2, 6)``.
 
@@ -83,10 +97,12 @@ def rows_of_bins(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     ``[edges[i-1], edges[i])``, row ``len(edges)`` those at or above ``edges[-1]`` and the
     last row the non-finite values. Only COUNT is filled (each row is "COUNT samples, all
     0"), so bins add up across calls and ranks through the ordinary row reduction.
+    ``edges`` must be a float64 tensor on ``values``' device (cache it: a copy from the
+    host per call would wait for the device).
     """
-    x = values.detach().reshape(-1).to(DTYPE)
+    x = values.detach().reshape(-1).to(DTYPE).contiguous()
     nbins = edges.numel() + 2
-    idx = torch.bucketize(x, edges.to(x.device, DTYPE), right=True)
+    idx = torch.bucketize(x, edges, right=True)
     idx = torch.where(torch.isfinite(x), idx, nbins - 1)
     counts = torch.zeros(nbins, dtype=DTYPE, device=x.device)
     counts.scatter_add_(0, idx, torch.ones_like(x))  # not bincount: that syncs on CUDA

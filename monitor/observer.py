@@ -1,0 +1,286 @@
+"""Base of the generic observers: declared slots, hooks, two record streams, a summary.
+
+An observer (``monitor.pruning``) turns tensors that an adapter feeds it from forward
+hooks into statistic rows, accumulated on the device. It owns two streams, reduced in the
+session's fused flushes (:mod:`monitor.streams`):
+
+* ``events``: the compact per-component stream, due every ``event_interval`` steps;
+* ``detailed``: histograms and costlier statistics, due every ``detailed_interval`` steps.
+
+Rank 0 writes them under ``{run_dir}/{part}_logs/``::
+
+    {run_id}.jsonl            compact records (and alert records)
+    {run_id}_detailed.jsonl   detailed records (metrics and histograms)
+    {run_id}_summary.json     first/last/min/max of each metric's means, alerts, what was attached
+
+Every slot is declared before the first hook fires (:meth:`Observer.declare`), so every
+rank reduces the same rows whichever hooks fired. Hooks run under ``torch.no_grad()`` on
+detached tensors, return None and never raise into the model: an error inside one is
+reported once as a warning, counted in meta, and that call's statistics are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+from monitor import stats
+from monitor.records import SummaryTracker, metrics_of, record
+from monitor.schedule import check_step
+from monitor.session import MonitorSession
+from monitor.slots import StatSlots
+from monitor.streams import Stream
+
+log = logging.getLogger("monitor")
+
+HIST_SEP = "#"
+"""Histogram bins are slots named ``{metric}#{bin}``."""
+
+SUMMARY_EVERY_S = 30.0
+
+
+class _ObserverStream(Stream):
+    def __init__(self, observer: Observer, kind: str, interval: int, interval_name: str) -> None:
+        group = observer.part if kind == "events" else f"{observer.part}/{kind}"
+        super().__init__(group, interval, interval_name)
+        self.observer, self.kind = observer, kind
+        self.slots = StatSlots()
+
+    def take_rows(self, device):
+        order = self.slots.names
+        rows = self.slots.local_rows(order, device)
+        self.slots.reset()
+        return order, rows
+
+    def emit(self, label, names, rows) -> None:
+        self.observer._emit(self.kind, label, names, rows)
+
+
+class Observer:
+    """Common machinery of the generic observers (subclasses set ``part``).
+
+    Args:
+        session: the run this observer belongs to (shared with the training monitor).
+        event_interval: steps between compact records.
+        detailed_interval: steps between detailed records.
+    """
+
+    part = "observer"
+    overall_metrics: tuple[str, ...] = ()
+    """Metric names also combined over all components into ``overall/{name}``."""
+
+    def __init__(self, session: MonitorSession, *, event_interval: int = 10,
+                 detailed_interval: int = 500) -> None:
+        if not isinstance(session, MonitorSession):
+            raise TypeError(f"session must be a MonitorSession, got {type(session).__name__}")
+        self.session = session
+        self.run_id = session.run_id
+        self.events = _ObserverStream(self, "events", event_interval, "pruning_event_log_interval")
+        self.detailed = _ObserverStream(self, "detailed", detailed_interval,
+                                        "detailed_log_interval")
+        session.scheduler.add(self.events)
+        session.scheduler.add(self.detailed)
+        folder = f"{self.part}_logs"
+        self.jsonl_path = session.files.path(f"{folder}/{self.run_id}.jsonl")
+        self.detailed_path = session.files.path(f"{folder}/{self.run_id}_detailed.jsonl")
+        self.summary_path = session.files.path(f"{folder}/{self.run_id}_summary.json")
+        self._summary_name = f"{folder}/{self.run_id}_summary.json"
+        self._sinks = {"events": session.files.jsonl(f"{folder}/{self.run_id}.jsonl"),
+                       "detailed": session.files.jsonl(f"{folder}/{self.run_id}_detailed.jsonl")}
+        self._hists: dict[str, list[float]] = {}
+        self._constants: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._hooks: list = []
+        self._hook_errors = 0
+        self._warned_hook_error = False
+        self.last_metrics: dict[str, dict] = {}
+        self.last_step: int | None = None
+        self.alerts: list[dict] = []
+        self.attached: dict = {}
+        self._summary = SummaryTracker()
+        self._summary_written_at = -math.inf
+        self._finalized = False
+
+    # -- declaring slots ------------------------------------------------------------------
+
+    def declare(self, events: Sequence[str] = (), detailed: Sequence[str] = ()) -> None:
+        """Declare slot names of the compact and the detailed stream (before any hook)."""
+        self.events.slots.declare(events)
+        self.detailed.slots.declare(detailed)
+
+    def declare_histogram(self, name: str, edges: Sequence[float]) -> tuple[str, ...]:
+        """Declare a detailed histogram over fixed ``edges``; returns its slot names."""
+        edges = [float(e) for e in edges]
+        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"histogram {name!r}: edges must be >= 2 increasing numbers")
+        self._hists[name] = edges
+        names = tuple(f"{name}{HIST_SEP}{i:02d}" for i in range(len(edges) + 2))
+        self.detailed.slots.declare(names)
+        return names
+
+    def add_to_histogram(self, names: tuple[str, ...], values: torch.Tensor,
+                         edges: torch.Tensor) -> None:
+        """Count ``values`` into the histogram slots ``names`` (from :meth:`declare_histogram`)."""
+        rows = stats.rows_of_bins(values, self.on_device(edges, values.device))
+        self.detailed.slots.update_rows(names, rows)
+
+    def on_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A cached copy of a constant host tensor (bin edges) on ``device``."""
+        key = (id(tensor), device)
+        cached = self._constants.get(key)
+        if cached is None:
+            cached = self._constants[key] = tensor.to(device)
+        return cached
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def hook(self, module: torch.nn.Module, fn: Callable, *, name: str) -> None:
+        """Register ``fn(module, args, kwargs, output)`` as a forward hook on ``module``.
+
+        The hook runs under ``torch.no_grad()``, returns None (the output is never
+        replaced), and an exception inside it is reported, not raised into the model.
+        """
+        def forward_hook(mod, args, kwargs, output):
+            try:
+                with torch.no_grad():
+                    fn(mod, args, kwargs, output)
+            except Exception as exc:  # noqa: BLE001 - monitoring must never kill training
+                self._on_hook_error(name, exc)
+            return None
+
+        self._hooks.append(module.register_forward_hook(forward_hook, with_kwargs=True))
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    @property
+    def num_hooks(self) -> int:
+        return len(self._hooks)
+
+    def _on_hook_error(self, name: str, exc: Exception) -> None:
+        self._hook_errors += 1
+        if not self._warned_hook_error:
+            self._warned_hook_error = True
+            warnings.warn(
+                f"monitor {self.part}: hook on {name} failed ({type(exc).__name__}: {exc}); "
+                "its statistics are dropped, training goes on (reported once, counted in meta)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    # -- steps and records ----------------------------------------------------------------
+
+    def log_step(self, step: int) -> None:
+        """The run is at optimizer step ``step`` (repeat it under gradient accumulation)."""
+        step = check_step(step)
+        if not self._finalized:
+            self.session.scheduler.advance(step)
+
+    def _emit(self, kind: str, label: int, names: list[str], rows: torch.Tensor) -> None:
+        hist_rows = [i for i, n in enumerate(names) if HIST_SEP in n]
+        plain = [i for i, n in enumerate(names) if HIST_SEP not in n]
+        metrics = metrics_of([names[i] for i in plain], rows[plain])
+        metrics.update(self._overall(names, rows))
+        out: dict = {"metrics": metrics}
+        if hist_rows:
+            hists = self._histograms([names[i] for i in hist_rows], rows[hist_rows])
+            if hists:
+                out["histograms"] = hists
+        if not metrics and "histograms" not in out:
+            return
+        rec = record(label, None, self.session.world_size, metrics)
+        rec.update(out)
+        self._sinks[kind].write(rec)
+        self._summary.add(label, kind, metrics)
+        if kind == "events":
+            self.last_metrics, self.last_step = metrics, label
+            for alert in self.check_alerts(label, metrics):
+                self._alert(label, alert)
+        if time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_S:
+            self._write_summary("running", None)
+
+    def _overall(self, names: list[str], rows: torch.Tensor) -> dict[str, dict]:
+        """``overall/{m}``: the rows of every component's ``m`` combined (exact moments)."""
+        out = {}
+        for metric in self.overall_metrics:
+            idx = [i for i, n in enumerate(names) if n.rsplit("/", 1)[-1] == metric
+                   and not n.startswith("overall/")]
+            if not idx:
+                continue
+            total = stats.empty_rows(1)
+            for i in idx:
+                total = stats.combine(total, rows[i : i + 1])
+            out.update(metrics_of([f"overall/{metric}"], total))
+        return out
+
+    def _histograms(self, names: list[str], rows: torch.Tensor) -> dict[str, dict]:
+        counts = rows[:, stats.COUNT].tolist()
+        by_name: dict[str, list[float]] = {}
+        for n, c in zip(names, counts):
+            by_name.setdefault(n.split(HIST_SEP)[0], []).append(c)
+        out = {}
+        for name, c in by_name.items():
+            if sum(c) == 0:
+                continue
+            c = [int(v) for v in c]
+            out[name] = {"edges": self._hists[name], "counts": c[1:-2], "below": c[0],
+                         "above": c[-2], "nonfinite": c[-1]}
+        return out
+
+    def check_alerts(self, step: int, metrics: dict[str, dict]) -> list[dict]:
+        """Alerts raised by a compact record (host-side, rank 0's reduced values)."""
+        return []
+
+    def _alert(self, step: int, alert: dict) -> None:
+        rec = {"step": step, "time": time.time(), "world_size": self.session.world_size,
+               "alert": alert}
+        self.alerts.append(rec)
+        self._sinks["events"].write(rec)
+        if self.session.world.is_writer:
+            log.warning("monitor %s alert at step %d: %s", self.part, step, alert)
+
+    # -- summary and end ------------------------------------------------------------------
+
+    def get_summary(self) -> dict:
+        """The last compact record's values (no collective); subclasses shape it."""
+        return dict(self.last_metrics)
+
+    def describe(self, **info) -> None:
+        """Record what an adapter attached (written to the run's meta under ``parts``)."""
+        self.attached.update(info)
+        parts = dict(self.session.meta.get("parts", {}))
+        parts[self.part] = {**self.attached, "hook_errors": self._hook_errors}
+        self.session.update_meta(parts=parts)
+
+    def finalize(self, status: str = "completed", *, flush: bool = True) -> str:
+        """Remove the hooks, write what is pending (unless ``flush=False``) and the summary.
+
+        Idempotent. ``flush=True`` reduces (a collective: call it on every rank).
+        """
+        if self._finalized:
+            return str(self.summary_path)
+        self._finalized = True
+        self.remove_hooks()
+        try:
+            if flush and status == "completed":
+                self.session.scheduler.flush([self.events, self.detailed])
+        finally:
+            self.session.scheduler.remove(self.events)
+            self.session.scheduler.remove(self.detailed)
+            self.describe()
+            self._write_summary(status, None)
+        return str(self.summary_path)
+
+    def _write_summary(self, status: str, error: str | None) -> None:
+        self._summary_written_at = time.monotonic()
+        summary = self._summary.to_dict(self.run_id, self.session.start_time, status, error)
+        summary.update(part=self.part, alerts=self.alerts, attached=self.attached,
+                       hook_errors=self._hook_errors, last=self.get_summary())
+        self.session.files.write_json(self._summary_name, summary, pretty=False,
+                                      durable=status != "running")

@@ -1,0 +1,273 @@
+"""CogVLA: one object, ``CogVLAMonitoring``, that the training script talks to.
+
+Usage (the calls the public CogVLA training script makes)::
+
+    from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
+
+    cfg = CogVLAMonitoringConfig(monitor_log_interval=100, detailed_log_interval=500,
+                                 pruning_event_log_interval=10,
+                                 film_sample_layers=[0, 9, 18, 26])
+    monitor = CogVLAMonitoring(run_dir=run_dir, run_id=run_id, config_name=dataset, cfg=cfg)
+    vla = wrap_ddp(vla, device_id, find_unused=True)
+    monitor.attach(vla)                        # after DDP / LoRA wrapping
+    for step ...:
+        monitor.log_step(step)                 # every micro-batch, before the forward
+        loss = vla(**batch).loss; ...
+        with monitor.step(step, mode="train") as h:
+            h.log(loss=loss.detach(), lr=lr, extra={"curr_action_l1_loss": l1})
+    paths = monitor.finalize()                 # {"train": ..., "lfp": ..., ...}
+
+Everything due at a step (training metrics and every observer's streams) is reduced in
+one fused flush. Build it on every rank for global statistics, or on rank 0 only (as the
+public script does) for rank 0's own: see ``MonitorSession``'s ``participation``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from monitor.observer import Observer
+from monitor.pruning.adapters import unwrap
+from monitor.pruning.adapters.cogvla_wiring import (
+    CogVLAAggregationAdapter,
+    CogVLAFiLMAdapter,
+    CogVLALfpAdapter,
+    CogVLAMoEAdapter,
+)
+from monitor.pruning.aggregation import AggregationObserver
+from monitor.pruning.film import FiLMObserver
+from monitor.pruning.moe import MoERouterObserver
+from monitor.pruning.routing import PruningObserver
+from monitor.schedule import check_interval, check_step
+from monitor.session import MonitorSession
+from monitor.train import Monitor, StepHandle
+
+PARTS = ("train", "lfp", "film", "moe", "aggr")
+
+
+@dataclass(kw_only=True)
+class CogVLAMonitoringConfig:
+    """What to monitor and how often (fields and defaults of the CogVLA usage guide)."""
+
+    enable_train_monitor: bool = True
+    """Training scalars (loss, lr, extras) into ``monitor_logs/``."""
+    enable_lfp_monitor: bool = True
+    """LFP token routing in the LLM layers into ``lfp_logs/``."""
+    enable_film_monitor: bool = True
+    """FiLM gamma/beta of the sampled ViT blocks into ``film_logs/``."""
+    enable_moe_monitor: bool = True
+    """DINOv2/SigLIP mixing weights of the MoE fusion into ``moe_logs/``."""
+    enable_aggr_monitor: bool = True
+    """Aggregation-token compression into ``aggr_logs/``."""
+    monitor_log_interval: int = 100
+    """Steps between training-metric records."""
+    detailed_log_interval: int = 500
+    """Steps between detailed records (histograms, overlaps, token similarity)."""
+    pruning_event_log_interval: int = 10
+    """Steps between compact observer records (and ``get_summary()`` updates)."""
+    enable_tensorboard: bool = False
+    """TensorBoard event files: not written by this version (a warning says so)."""
+    film_sample_layers: list[int] = field(default_factory=lambda: [0, 9, 18, 26])
+    """ViT block indices whose FiLM gamma/beta are observed, in each encoder."""
+    moe_collapse_threshold: float = 0.95
+    """Mean expert weight above which the MoE observer counts a record as collapsed."""
+    moe_collapse_patience: int = 3
+    """Collapsed compact records in a row before the collapse alert."""
+    participation: str = "auto"
+    """``"auto"``, ``"all"`` or ``"local"``: whose statistics are reduced (MonitorSession)."""
+    participation_timeout: float | None = None
+    """Seconds rank 0 waits for the other ranks' monitors (default 10)."""
+
+    def __post_init__(self) -> None:
+        for name in ("enable_train_monitor", "enable_lfp_monitor", "enable_film_monitor",
+                     "enable_moe_monitor", "enable_aggr_monitor", "enable_tensorboard"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"CogVLAMonitoringConfig.{name} must be a bool, "
+                                f"got {value!r}")
+        for name in ("monitor_log_interval", "detailed_log_interval",
+                     "pruning_event_log_interval", "moe_collapse_patience"):
+            check_interval(f"CogVLAMonitoringConfig.{name}", getattr(self, name))
+        layers = self.film_sample_layers
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise TypeError("CogVLAMonitoringConfig.film_sample_layers must be a list of "
+                            f"ints, got {layers!r}")
+        layers = list(layers)
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError("CogVLAMonitoringConfig.film_sample_layers must hold ints, "
+                                f"got {i!r}")
+            if i < 0:
+                raise ValueError("CogVLAMonitoringConfig.film_sample_layers must be >= 0, "
+                                 f"got {i}")
+        if len(set(layers)) != len(layers):
+            raise ValueError("CogVLAMonitoringConfig.film_sample_layers has duplicates: "
+                             f"{layers}")
+        self.film_sample_layers = layers
+        if not 0.0 < self.moe_collapse_threshold < 1.0:
+            raise ValueError("CogVLAMonitoringConfig.moe_collapse_threshold must be in "
+                             f"(0, 1), got {self.moe_collapse_threshold}")
+
+
+class CogVLAMonitoring:
+    """The CogVLA facade: the training monitor and the four observers on one session.
+
+    Args:
+        run_dir: the run's folder (``runs/{run_id}``).
+        run_id: names every file; a single path component.
+        config_name: free text in meta (the public script passes the dataset name).
+        cfg: what to monitor (defaults: everything on).
+
+    Attributes:
+        train_monitor, lfp_observer, film_observer, moe_observer, aggr_observer: the parts,
+            None when off.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, run_id: str, config_name: str | None = None,
+                 cfg: CogVLAMonitoringConfig | None = None) -> None:
+        cfg = CogVLAMonitoringConfig() if cfg is None else cfg
+        if not isinstance(cfg, CogVLAMonitoringConfig):
+            raise TypeError(f"cfg must be a CogVLAMonitoringConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.session = MonitorSession(run_dir, run_id, config_name=config_name,
+                                      config=asdict(cfg), participation=cfg.participation,
+                                      participation_timeout=cfg.participation_timeout)
+        intervals = {"event_interval": cfg.pruning_event_log_interval,
+                     "detailed_interval": cfg.detailed_log_interval}
+        s = self.session
+        self.train_monitor = Monitor(session=s, log_interval=cfg.monitor_log_interval) \
+            if cfg.enable_train_monitor else None
+        self.lfp_observer = PruningObserver(s, **intervals) if cfg.enable_lfp_monitor else None
+        self.film_observer = FiLMObserver(s, **intervals) if cfg.enable_film_monitor else None
+        self.moe_observer = MoERouterObserver(
+            s, collapse_threshold=cfg.moe_collapse_threshold,
+            collapse_patience=cfg.moe_collapse_patience, **intervals,
+        ) if cfg.enable_moe_monitor else None
+        self.aggr_observer = AggregationObserver(s, **intervals) if cfg.enable_aggr_monitor \
+            else None
+        if cfg.enable_tensorboard:
+            warnings.warn("monitor: enable_tensorboard is not supported by this version yet; "
+                          "no TensorBoard files are written (the JSONL streams have every "
+                          "record)", RuntimeWarning, stacklevel=2)
+        self._attached: torch.nn.Module | None = None
+        self._paths: dict[str, str] | None = None
+        self._warned_no_train = False
+
+    @property
+    def observers(self) -> dict[str, Observer]:
+        parts = {"lfp": self.lfp_observer, "film": self.film_observer,
+                 "moe": self.moe_observer, "aggr": self.aggr_observer}
+        return {k: v for k, v in parts.items() if v is not None}
+
+    def attach(self, model: torch.nn.Module) -> dict[str, int]:
+        """Hook every enabled part into ``model`` (bare, DDP, PEFT or FSDP wrapped).
+
+        Returns the number of hooks per part. A part that finds no module warns once and
+        says so in meta; attaching the same model again does nothing, another model
+        replaces the hooks.
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``.
+            RuntimeError: after ``finalize()``.
+        """
+        root = unwrap(model)
+        if self._paths is not None:
+            raise RuntimeError("attach() after finalize(): build a new CogVLAMonitoring")
+        if self._attached is root:
+            return {part: obs.num_hooks for part, obs in self.observers.items()}
+        for obs in self.observers.values():
+            obs.remove_hooks()
+        self._attached = root
+        counts = {}
+        for part, obs in self.observers.items():
+            try:
+                counts[part] = self._adapter(part, obs, root).attach(root)
+            except Exception as exc:  # noqa: BLE001 - an odd model must not stop training
+                obs.remove_hooks()
+                counts[part] = 0
+                obs.describe(attach_error=f"{type(exc).__name__}: {exc}")
+                warnings.warn(f"monitor {part}: attaching failed ({type(exc).__name__}: {exc}); "
+                              "this part records nothing", RuntimeWarning, stacklevel=2)
+                continue
+            if counts[part] == 0:
+                warnings.warn(f"monitor {part}: enabled but no {part.upper()} module was found "
+                              "in the model; nothing will be recorded for it (see meta)",
+                              RuntimeWarning, stacklevel=2)
+            obs.describe(found=counts[part] > 0)
+        return counts
+
+    def _adapter(self, part: str, obs: Observer, root: torch.nn.Module):
+        if part == "lfp":
+            return CogVLALfpAdapter(obs)
+        if part == "film":
+            return CogVLAFiLMAdapter(obs, self.cfg.film_sample_layers)
+        if part == "moe":
+            obs.set_experts(CogVLAMoEAdapter.expert_names(root))
+            return CogVLAMoEAdapter(obs)
+        return CogVLAAggregationAdapter(obs)
+
+    def log_step(self, step: int) -> None:
+        """The run is at ``step`` (every micro-batch, before its forward)."""
+        if self.train_monitor is not None:
+            self.train_monitor.log_step(step)
+        elif self._paths is None:
+            self.session.scheduler.advance(check_step(step))
+
+    @contextlib.contextmanager
+    def step(self, step: int, mode: str = "train") -> Iterator[StepHandle]:
+        """The training monitor's ``step`` context (values are dropped when it is off)."""
+        if self.train_monitor is not None:
+            with self.train_monitor.step(step, mode) as handle:
+                yield handle
+            return
+        if not self._warned_no_train:
+            self._warned_no_train = True
+            warnings.warn("monitor: step() logs nothing: enable_train_monitor is False",
+                          RuntimeWarning, stacklevel=3)
+        yield StepHandle(_Discard(), check_step(step), mode)
+
+    def finalize(self, status: str = "completed") -> dict[str, str]:
+        """Write what is pending (one fused flush), the summaries and meta; remove every
+        hook. Idempotent. Returns the summary path of each part that is on."""
+        if self._paths is not None:
+            return dict(self._paths)
+        if status not in ("completed", "failed"):
+            raise ValueError(f"status must be 'completed' or 'failed', got {status!r}")
+        paths: dict[str, str] = {}
+        try:
+            if status == "completed":
+                self.session.scheduler.flush(list(self.session.scheduler.streams))
+        except BaseException:
+            status = "failed"
+            raise
+        finally:
+            if self.train_monitor is not None:
+                paths["train"] = self.train_monitor._finish(status, None, flush=False)
+            for part, obs in self.observers.items():
+                paths[part] = obs.finalize(status, flush=False)
+            self._paths = paths
+        return dict(paths)
+
+    def __enter__(self) -> CogVLAMonitoring:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finalize("completed" if exc_type is None else "failed")
+
+
+class _Discard:
+    def _add(self, mode: str, values: dict) -> None:
+        pass
+
+
+__all__ = [
+    "AggregationObserver", "CogVLAAggregationAdapter", "CogVLAFiLMAdapter", "CogVLALfpAdapter",
+    "CogVLAMoEAdapter", "CogVLAMonitoring", "CogVLAMonitoringConfig", "FiLMObserver",
+    "Monitor", "MoERouterObserver", "PruningObserver",
+]

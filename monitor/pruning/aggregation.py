@@ -1,0 +1,95 @@
+"""``AggregationObserver``: token compression by learned aggregation tokens, model-agnostic.
+
+An adapter reports, per encoder call, how many tokens entered and how many left (host
+integers taken from tensor shapes: no device work), and may pass the aggregation tokens
+that left, ``(B, K, width)``, for the detailed similarity statistic.
+
+Keys (``{enc}`` an encoder, e.g. ``dino``; ``overall/{m}`` combines every encoder):
+
+=========================  ==========================================================  ========
+key                        samples (one per sample per encoder call)                   stream
+=========================  ==========================================================  ========
+``{enc}/tokens_in``        tokens entering the encoder (patches)                       events
+``{enc}/tokens_out``       tokens leaving it (aggregation tokens)                      events
+``{enc}/compression_ratio``  tokens_in / tokens_out (4.0 for 256 patches -> 64 tokens)  events
+``{enc}/token_cosine``     mean pairwise cosine similarity of the K tokens that left
+                           (1: all alike, 0: orthogonal)                               detailed
+=========================  ==========================================================  ========
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from monitor import stats
+from monitor.observer import Observer
+from monitor.pruning.summary import pick
+from monitor.session import MonitorSession
+
+EVENT_METRICS = ("tokens_in", "tokens_out", "compression_ratio")
+
+
+class AggregationObserver(Observer):
+    """Compression statistics per encoder.
+
+    Args:
+        session: the run (shared with the training monitor).
+        encoders: encoder names, e.g. ``["dino", "siglip"]``.
+        event_interval: steps between compact records.
+        detailed_interval: steps between detailed records.
+    """
+
+    part = "aggr"
+    overall_metrics = EVENT_METRICS + ("token_cosine",)
+
+    def __init__(self, session: MonitorSession, encoders: Sequence[str] = (), *,
+                 event_interval: int = 10, detailed_interval: int = 500) -> None:
+        super().__init__(session, event_interval=event_interval,
+                         detailed_interval=detailed_interval)
+        self.encoders: list[str] = []
+        self._names: dict[str, tuple] = {}
+        self.add_encoders(encoders)
+
+    def add_encoders(self, encoders: Sequence[str]) -> None:
+        """Declare the slots of ``encoders`` (call before their hooks fire)."""
+        for enc in encoders:
+            if enc in self._names:
+                continue
+            events = tuple(f"{enc}/{m}" for m in EVENT_METRICS)
+            cosine = (f"{enc}/token_cosine",)
+            self.declare(events, cosine)
+            self._names[enc] = (events, cosine)
+            self.encoders.append(enc)
+
+    def observe(self, encoder: str, tokens_in: int, tokens_out: int, batch_size: int,
+                tokens: torch.Tensor | None = None) -> None:
+        """One encoder call over ``batch_size`` samples.
+
+        Args:
+            tokens_in: tokens entering per sample (a host int).
+            tokens_out: tokens leaving per sample (a host int).
+            tokens: the ``(B, K, width)`` aggregation tokens that left, for
+                ``token_cosine`` (optional).
+        """
+        events, cosine = self._names[encoder]
+        ratio = tokens_in / tokens_out if tokens_out else float("nan")
+        rows = stats.constant_rows([float(tokens_in), float(tokens_out), ratio], batch_size)
+        self.events.slots.update_rows(events, rows)
+        if tokens is not None and tokens.dim() == 3 and tokens.shape[1] > 1:
+            x = torch.nn.functional.normalize(tokens.detach().to(stats.DTYPE), dim=-1)
+            k = x.shape[1]
+            gram = torch.bmm(x, x.transpose(1, 2))
+            off = (gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=1))
+            self.detailed.slots.update_rows(cosine, stats.row_of_samples(off / (k * (k - 1))))
+
+    def get_summary(self) -> dict:
+        """Last compact record: overall ``compression_ratio``, ``tokens_in``,
+        ``tokens_out`` and the same per encoder."""
+        m = self.last_metrics
+        out: dict = {"step": self.last_step}
+        out.update({name: pick(m, f"overall/{name}") for name in EVENT_METRICS})
+        out["by_encoder"] = {e: {name: pick(m, f"{e}/{name}") for name in EVENT_METRICS}
+                             for e in self.encoders}
+        return out

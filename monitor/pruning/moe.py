@@ -1,0 +1,121 @@
+"""``MoERouterObserver``: dense mixture weights over named experts, model-agnostic.
+
+An adapter feeds the router's logits ``(B, E)`` (or the weights themselves); the observer
+takes their softmax in float64.
+
+Keys (``{e}`` an expert name, e.g. ``dino`` and ``siglip`` in CogVLA):
+
+======================  ============================================================  ========
+key                     samples (one per sample routed)                               stream
+======================  ============================================================  ========
+``{e}_weight``          the expert's mixing weight                                    events
+``{e}_dominant``        1 when the expert has the largest weight, else 0 (the mean
+                        is the share of samples it dominates)                          events
+``entropy``             routing entropy ``-sum_e w_e ln w_e`` in nats (0 .. ln E)      events
+``{e}_weight``          histogram of the weight over fixed bins                       detailed
+======================  ============================================================  ========
+
+Collapse alert: when an expert's mean weight in a compact record is above
+``collapse_threshold`` for ``collapse_patience`` records in a row, an alert record
+``{"step", "time", "world_size", "alert": {"type": "expert_collapse", "expert",
+"mean_weight", "threshold", "consecutive_records"}}`` is appended to the compact stream,
+listed in the summary and logged (logger ``monitor``) once; it re-arms when the weight
+falls back under the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from monitor import stats
+from monitor.observer import Observer
+from monitor.pruning.summary import pick
+from monitor.session import MonitorSession
+
+DEFAULT_EDGES = tuple(i / 20 for i in range(21))
+
+
+class MoERouterObserver(Observer):
+    """Statistics of a dense router's mixing weights.
+
+    Args:
+        session: the run (shared with the training monitor).
+        experts: names of the experts in the router's output order.
+        collapse_threshold: mean weight above which an expert counts as taking over.
+        collapse_patience: consecutive compact records above it before the alert.
+        event_interval: steps between compact records.
+        detailed_interval: steps between detailed records.
+    """
+
+    part = "moe"
+
+    def __init__(self, session: MonitorSession, experts: Sequence[str] = ("dino", "siglip"), *,
+                 collapse_threshold: float = 0.95, collapse_patience: int = 3,
+                 event_interval: int = 10, detailed_interval: int = 500,
+                 hist_edges: Sequence[float] = DEFAULT_EDGES) -> None:
+        super().__init__(session, event_interval=event_interval,
+                         detailed_interval=detailed_interval)
+        if not 0.0 < collapse_threshold < 1.0:
+            raise ValueError(f"collapse_threshold must be in (0, 1), got {collapse_threshold}")
+        if isinstance(collapse_patience, bool) or not isinstance(collapse_patience, int) \
+                or collapse_patience < 1:
+            raise ValueError(f"collapse_patience must be an int >= 1, got {collapse_patience!r}")
+        self.collapse_threshold = collapse_threshold
+        self.collapse_patience = collapse_patience
+        self._edges = torch.tensor([float(x) for x in hist_edges], dtype=stats.DTYPE)
+        self.set_experts(experts)
+
+    def set_experts(self, experts: Sequence[str]) -> None:
+        """Name the experts (router output order); an adapter calls it before any hook."""
+        experts = [str(e) for e in experts]
+        if len(experts) < 2 or len(set(experts)) != len(experts):
+            raise ValueError(f"experts must be >= 2 distinct names, got {experts}")
+        self.experts = experts
+        self._names = tuple([f"{e}_weight" for e in experts]
+                            + [f"{e}_dominant" for e in experts] + ["entropy"])
+        self.declare(self._names)
+        self._hist = [self.declare_histogram(f"{e}_weight", self._edges.tolist())
+                      for e in experts]
+        self._above = dict.fromkeys(experts, 0)
+
+    def observe_logits(self, logits: torch.Tensor) -> None:
+        """Router logits ``(..., E)``: the weights are their softmax over the last dim."""
+        self.observe_weights(torch.softmax(logits.detach().to(stats.DTYPE), dim=-1))
+
+    def observe_weights(self, weights: torch.Tensor) -> None:
+        """Mixing weights ``(..., E)`` (each row sums to 1)."""
+        w = weights.detach().to(stats.DTYPE).reshape(-1, weights.shape[-1])
+        if w.shape[1] != len(self.experts):
+            raise ValueError(f"expected {len(self.experts)} experts, got weights of shape "
+                             f"{tuple(weights.shape)}")
+        dominant = torch.nn.functional.one_hot(w.argmax(dim=1), len(self.experts))
+        entropy = -torch.special.xlogy(w, w).sum(dim=1, keepdim=True)
+        table = torch.cat([w, dominant.to(stats.DTYPE), entropy], dim=1).T
+        self.events.slots.update_rows(self._names, stats.rows_of_samples(table))
+        for e, names in enumerate(self._hist):
+            self.add_to_histogram(names, w[:, e], self._edges)
+
+    def check_alerts(self, step: int, metrics: dict[str, dict]) -> list[dict]:
+        alerts = []
+        for e in self.experts:
+            mean = metrics.get(f"{e}_weight", {}).get("mean")
+            if mean is None:
+                continue
+            if mean <= self.collapse_threshold:
+                self._above[e] = 0
+                continue
+            self._above[e] += 1
+            if self._above[e] == self.collapse_patience:
+                alerts.append({"type": "expert_collapse", "expert": e, "mean_weight": mean,
+                               "threshold": self.collapse_threshold,
+                               "consecutive_records": self._above[e]})
+        return alerts
+
+    def get_summary(self) -> dict:
+        """Last compact record: ``{e}_weight``, ``{e}_dominant``, ``entropy``, alerts."""
+        out: dict = {"step": self.last_step}
+        out.update({name: pick(self.last_metrics, name) for name in self._names})
+        out["alerts"] = [a["alert"] for a in self.alerts]
+        return out
