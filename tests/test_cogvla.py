@@ -1,0 +1,363 @@
+"""The CogVLA facade and adapters on the stand-in model (one process, no process group)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from reference import assert_matches, reference_stats
+from workers import read_jsonl
+
+from monitor.pruning.adapters import clean_name, unwrap
+from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
+from monitor.pruning.adapters.cogvla_wiring import find_encoders
+from monitor.testing import TinyCogVLAConfig, build_tiny_cogvla, synthetic_batch
+
+PARTS = ("lfp", "film", "moe", "aggr")
+
+
+def make(tmp_path, run_id="r", **overrides):
+    cfg = CogVLAMonitoringConfig(**{"monitor_log_interval": 2, "pruning_event_log_interval": 2,
+                                    "detailed_log_interval": 4, **overrides})
+    return CogVLAMonitoring(run_dir=tmp_path / run_id, run_id=run_id, config_name="test", cfg=cfg)
+
+
+def attach_quietly(mon, model):
+    """attach() warns about the default film_sample_layers' index 26 in DINOv2 (24 blocks)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counts = mon.attach(model)
+    return counts, [str(w.message) for w in caught]
+
+
+def train(model, mon, steps, cfg, batch_size=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        if mon is not None:
+            mon.log_step(step)
+        out = model(**synthetic_batch(cfg, batch_size=batch_size, generator=gen))
+        out.loss.backward()
+        if mon is not None:
+            with mon.step(step) as h:
+                h.log(loss=out.loss.detach(), lr=1e-3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return TinyCogVLAConfig(image_size=16)  # 64 patches instead of 256: a faster step
+
+
+def test_facade_writes_every_stream_and_finalize_returns_each_part(tmp_path, cfg):
+    model = build_tiny_cogvla(cfg, seed=0)
+    mon = make(tmp_path)
+    counts, caught = attach_quietly(mon, model)
+    assert counts == {"lfp": 24, "film": 14, "moe": 1, "aggr": 4}
+    assert caught == ["monitor film: film_sample_layers indices that an encoder lacks are "
+                      "skipped: ['dino/layer_26']"]
+    train(model, mon, 5, cfg)
+    paths = mon.finalize()
+    assert set(paths) == {"train", *PARTS}
+    run = tmp_path / "r"
+    assert paths["train"] == str(run / "monitor_logs" / "r_summary.json")
+    for part in PARTS:
+        folder = run / f"{part}_logs"
+        assert paths[part] == str(folder / "r_summary.json")
+        events = read_jsonl(folder / "r.jsonl")
+        assert [r["step"] for r in events] == [0, 2, 4]
+        assert read_jsonl(folder / "r_detailed.jsonl")
+        summary = json.loads((folder / "r_summary.json").read_text())
+        assert summary["status"] == "completed" and summary["part"] == part
+        for rec in events:
+            for value in rec["metrics"].values():
+                assert set(value) == {"mean", "std", "min", "max", "count", "nonfinite"}
+    meta = json.loads((run / "monitor_logs" / "r_meta.json").read_text())
+    assert meta["parts"]["film"]["skipped"] == ["dino/layer_26"]
+    assert meta["parts"]["film"]["dead_blocks"] == {"dino": 23, "siglip": 26}
+    assert meta["parts"]["film"]["sampled_dead_blocks"] == ["siglip/layer_26"]
+    assert meta["parts"]["lfp"]["layers"] == list(range(8, 32))
+    assert mon.finalize() == paths
+
+
+def test_get_summary_has_the_keys_the_public_script_reads(tmp_path, cfg):
+    model = build_tiny_cogvla(cfg, seed=0)
+    mon = make(tmp_path)
+    attach_quietly(mon, model)
+    lfp = mon.lfp_observer.get_summary()
+    assert lfp["overall"]["count"] == 0 and lfp["overall"]["prune_ratio"]["mean"] is None
+    train(model, mon, 3, cfg)
+    lfp = mon.lfp_observer.get_summary()
+    overall = lfp["overall"]
+    assert isinstance(overall["count"], int) and overall["count"] > 0
+    for key in ("prune_ratio", "tokens_before", "tokens_after"):
+        assert isinstance(overall[key]["mean"], float)
+    for name, comp in lfp["by_component"].items():
+        assert name.startswith("layer_") and comp["count"] > 0
+        assert comp["prune_ratio"]["mean"] == comp["tokens_after"]["mean"] / comp[
+            "tokens_before"]["mean"]
+    film = mon.film_observer.get_summary()
+    moe = mon.moe_observer.get_summary()
+    aggr = mon.aggr_observer.get_summary()
+    for summary, keys in ((film, ("gamma_norm", "beta_norm", "modulation_strength")),
+                          (moe, ("siglip_weight", "dino_weight", "entropy")),
+                          (aggr, ("compression_ratio",))):
+        for key in keys:
+            assert summary[key]["count"] > 0 and isinstance(summary[key]["mean"], float)
+    assert moe["dino_weight"]["mean"] + moe["siglip_weight"]["mean"] == pytest.approx(1.0)
+    num_patches = (cfg.image_size // cfg.patch_size) ** 2
+    assert aggr["compression_ratio"]["mean"] == num_patches / cfg.num_vision_aggr
+    mon.finalize()
+
+
+def test_lfp_adapter_selects_exactly_the_tokens_the_layer_keeps_even_on_ties(
+        tmp_path, cfg, monkeypatch):
+    model = build_tiny_cogvla(cfg, seed=0)
+    layers = model.language_model.model.layers
+    with torch.no_grad():  # every p_keep exactly 0.5 in one layer: ties everywhere
+        layers[12].router.router.weight.zero_()
+        layers[12].router.router.bias.zero_()
+    mon = make(tmp_path, enable_film_monitor=False)
+    mon.attach(model)
+    calls = []
+    real_topk = torch.topk
+
+    def recording_topk(values, k, *args, **kwargs):
+        out = real_topk(values, k, *args, **kwargs)
+        calls.append(out.indices.sort(dim=1).values.clone())
+        return out
+
+    monkeypatch.setattr(torch, "topk", recording_topk)
+    train(model, mon, 1, cfg, batch_size=3)
+    monkeypatch.undo()
+    # per LFP layer: the adapter's call (in the router's hook), then the layer's own
+    assert len(calls) == 2 * 24
+    for ours, theirs in zip(calls[0::2], calls[1::2]):
+        assert torch.equal(ours, theirs)
+    nv = cfg.num_vision_aggr * cfg.num_images_in_input
+    tied = calls[2 * 4]  # layer 12 is the 5th LFP layer
+    visual_slice_pick = real_topk(torch.full((3, nv), 0.5), int(nv * layers[12].router_factor),
+                                  dim=1).indices.sort(dim=1).values + 1
+    kept_visual = tied[(tied >= 1) & (tied <= nv)].reshape(3, -1)
+    assert kept_visual.shape == visual_slice_pick.shape
+    assert not torch.equal(kept_visual, visual_slice_pick)  # why the adapter repeats the call
+    mon.finalize()
+    rec = read_jsonl(tmp_path / "r" / "lfp_logs" / "r.jsonl")[0]["metrics"]
+    for idx in range(8, 32):
+        kept = int(nv * layers[idx].router_factor)
+        assert rec[f"layer_{idx:02d}/tokens_after"]["mean"] == kept
+        assert rec[f"layer_{idx:02d}/tokens_before"]["mean"] == nv
+    assert rec["layer_12/p_keep"]["min"] == rec["layer_12/p_keep"]["max"] == 0.5
+    assert rec["layer_12/margin"]["mean"] == 0.0
+
+
+def test_moe_weights_are_the_modules_real_mixing_weights(tmp_path, cfg):
+    model = build_tiny_cogvla(cfg, seed=1)
+    mon = make(tmp_path, enable_lfp_monitor=False, enable_film_monitor=False)
+    mon.attach(model)
+    seen = []
+    moe = model.aggregation_router
+
+    def capture(module, args):
+        feats, logits = args
+        for layer in module.router:  # its children: calling .router would fire our hook
+            logits = layer(logits)
+        seen.append(torch.softmax(logits, dim=-1).detach())
+        # the module's output is w0 * feats[0] + w1 * feats[1]: the weights it really used
+        seen[-1].feats = [f.detach() for f in feats]
+
+    handle = moe.register_forward_pre_hook(capture)
+    outputs = []
+    out_handle = moe.register_forward_hook(lambda m, a, o: outputs.append(o.detach()))
+    train(model, mon, 1, cfg, batch_size=3)
+    handle.remove()
+    out_handle.remove()
+    assert len(seen) == cfg.num_images_in_input
+    for w, out in zip(seen, outputs):
+        mixed = w[:, 0].view(-1, 1, 1) * w.feats[0] + w[:, 1].view(-1, 1, 1) * w.feats[1]
+        torch.testing.assert_close(mixed, out)
+        assert not torch.allclose(w, moe.routing_outcome.detach())
+    mon.finalize()
+    rec = read_jsonl(tmp_path / "r" / "moe_logs" / "r.jsonl")[0]["metrics"]
+    weights = torch.cat(seen).double().numpy()
+    # the module's softmax ran in float32, the observer's in float64
+    for name, column in (("dino_weight", weights[:, 0]), ("siglip_weight", weights[:, 1])):
+        assert_matches(rec[name], reference_stats([column]), rel=1e-6, abs_=1e-7)
+    entropy = -(weights * np.log(weights)).sum(axis=1)
+    assert_matches(rec["entropy"], reference_stats([entropy]), rel=1e-6, abs_=1e-7)
+
+
+def test_encoders_are_named_from_the_model_not_from_attribute_names(cfg):
+    model = build_tiny_cogvla(cfg, seed=0)
+    assert [(e["attr"], e["name"]) for e in find_encoders(model)] == [
+        ("featurizer", "dino"), ("fused_featurizer", "siglip")]
+    model.config.timm_model_ids = list(reversed(model.config.timm_model_ids))
+    assert [e["name"] for e in find_encoders(model)] == ["siglip", "dino"]
+
+
+def test_model_outputs_and_gradients_are_identical_with_and_without_the_monitor(tmp_path, cfg):
+    plain, watched = build_tiny_cogvla(cfg, seed=3), build_tiny_cogvla(cfg, seed=3)
+    mon = make(tmp_path)
+    attach_quietly(mon, watched)
+    out_plain = train(plain, None, 3, cfg)
+    out_watched = train(watched, mon, 3, cfg)
+    mon.finalize()
+    assert torch.equal(out_plain.loss, out_watched.loss)
+    assert torch.equal(out_plain.logits, out_watched.logits)
+    for (name, p), (_, q) in zip(plain.named_parameters(), watched.named_parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+        else:
+            assert torch.equal(p.grad, q.grad), name
+
+
+def test_attach_twice_is_harmless_and_finalize_removes_every_hook(tmp_path, cfg):
+    model = build_tiny_cogvla(cfg, seed=0)
+    before = {n: (dict(m._forward_hooks), dict(m._forward_hooks_with_kwargs))
+              for n, m in model.named_modules()}
+    mon = make(tmp_path)
+    first, _ = attach_quietly(mon, model)
+    second, _ = attach_quietly(mon, model)
+    assert first == second
+    assert sum(len(m._forward_hooks) for m in model.modules()) == sum(first.values())
+    mon.finalize()
+    mon.finalize()
+    after = {n: (dict(m._forward_hooks), dict(m._forward_hooks_with_kwargs))
+             for n, m in model.named_modules()}
+    assert after == before
+    with pytest.raises(RuntimeError, match="after finalize"):
+        mon.attach(model)
+
+
+class _FakeLoraModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.peft_config = {"default": None}
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+
+class _FakePeftModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = _FakeLoraModel(model)
+        self.peft_config = {"default": None}
+
+    def forward(self, **kwargs):
+        return self.base_model(**kwargs)
+
+
+class DistributedDataParallel(torch.nn.Module):  # the wrapper's class name is what counts
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_wrapped_models_give_the_same_keys_without_wrapper_prefixes(tmp_path, cfg):
+    bare = build_tiny_cogvla(cfg, seed=0)
+    wrapped = DistributedDataParallel(_FakePeftModel(bare))
+    assert unwrap(wrapped) is bare
+    name = next(n for n, _ in wrapped.named_modules() if n.endswith("aggregation_router"))
+    assert name == "module.base_model.model.aggregation_router"
+    assert clean_name(name) == "aggregation_router"
+    mon = make(tmp_path)
+    attach_quietly(mon, wrapped)
+    train(wrapped, mon, 1, cfg)
+    mon.finalize()
+    meta = json.loads((tmp_path / "r" / "monitor_logs" / "r_meta.json").read_text())
+    assert meta["parts"]["moe"]["module"] == "aggregation_router.router"
+    assert meta["parts"]["lfp"]["modules"][0] == "language_model.model.layers.8.router"
+    for part in PARTS:
+        rec = read_jsonl(tmp_path / "r" / f"{part}_logs" / "r.jsonl")[0]
+        assert not any("module" in k or "base_model" in k for k in rec["metrics"])
+
+
+def test_a_part_without_modules_warns_once_and_says_so_in_meta(tmp_path):
+    cfg = TinyCogVLAConfig(use_lfp=False, image_size=16)
+    model = build_tiny_cogvla(cfg, seed=0)
+    mon = make(tmp_path, film_sample_layers=[0, 9])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counts = mon.attach(model)
+    assert counts["lfp"] == 0
+    assert [str(w.message) for w in caught] == [
+        "monitor lfp: enabled but no LFP module was found in the model; nothing will be "
+        "recorded for it (see meta)"]
+    train(model, mon, 2, cfg)
+    mon.finalize()
+    meta = json.loads((tmp_path / "r" / "monitor_logs" / "r_meta.json").read_text())
+    assert meta["parts"]["lfp"]["found"] is False
+    assert not read_jsonl(tmp_path / "r" / "lfp_logs" / "r.jsonl")
+
+
+def test_attach_refuses_what_is_not_a_module(tmp_path):
+    mon = make(tmp_path)
+    with pytest.raises(TypeError, match="expected a torch.nn.Module, got dict"):
+        mon.attach({"not": "a model"})
+    mon.finalize()
+
+
+def test_only_the_train_monitor_on_logs_loss_and_no_observer(tmp_path, cfg):
+    model = build_tiny_cogvla(cfg, seed=0)
+    mon = make(tmp_path, enable_lfp_monitor=False, enable_film_monitor=False,
+               enable_moe_monitor=False, enable_aggr_monitor=False)
+    assert mon.attach(model) == {}
+    assert (mon.lfp_observer, mon.film_observer, mon.moe_observer, mon.aggr_observer) == (
+        None, None, None, None)
+    train(model, mon, 3, cfg)
+    assert mon.finalize() == {"train": str(tmp_path / "r" / "monitor_logs" / "r_summary.json")}
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["monitor_logs"]
+
+
+@pytest.mark.parametrize("field,value,error,match", [
+    ("monitor_log_interval", 0, ValueError, "monitor_log_interval must be > 0, got 0"),
+    ("detailed_log_interval", -5, ValueError, "detailed_log_interval must be > 0"),
+    ("pruning_event_log_interval", 2.5, TypeError, "pruning_event_log_interval must be"),
+    ("film_sample_layers", [0, -1], ValueError, "film_sample_layers must be >= 0, got -1"),
+    ("film_sample_layers", [0, 0], ValueError, "duplicates"),
+    ("film_sample_layers", "0,9", TypeError, "list of ints"),
+    ("film_sample_layers", [0.5], TypeError, "must hold ints"),
+    ("enable_lfp_monitor", "yes", TypeError, "enable_lfp_monitor must be a bool"),
+    ("moe_collapse_threshold", 1.5, ValueError, "moe_collapse_threshold must be in"),
+])
+def test_config_rejects_bad_values_naming_the_field(field, value, error, match):
+    with pytest.raises(error, match=match):
+        CogVLAMonitoringConfig(**{field: value})
+
+
+def test_config_defaults_are_the_usage_guides():
+    cfg = CogVLAMonitoringConfig()
+    assert (cfg.monitor_log_interval, cfg.detailed_log_interval,
+            cfg.pruning_event_log_interval) == (100, 500, 10)
+    assert cfg.film_sample_layers == [0, 9, 18, 26] and cfg.enable_tensorboard is False
+    assert all((cfg.enable_train_monitor, cfg.enable_lfp_monitor, cfg.enable_film_monitor,
+                cfg.enable_moe_monitor, cfg.enable_aggr_monitor))
+
+
+def test_every_name_the_public_script_imports_exists():
+    from monitor import Monitor, PruningObserver
+    from monitor.pruning.adapters.cogvla import (
+        AggregationObserver,
+        CogVLAAggregationAdapter,
+        CogVLAFiLMAdapter,
+        CogVLALfpAdapter,
+        CogVLAMoEAdapter,
+        CogVLAMonitoring,
+        CogVLAMonitoringConfig,
+        FiLMObserver,
+        MoERouterObserver,
+    )
+
+    assert Monitor.__name__ == "Monitor" and PruningObserver.part == "lfp"
+    assert (FiLMObserver.part, MoERouterObserver.part, AggregationObserver.part) == (
+        "film", "moe", "aggr")
+    for cls in (CogVLALfpAdapter, CogVLAFiLMAdapter, CogVLAMoEAdapter, CogVLAAggregationAdapter,
+                CogVLAMonitoring, CogVLAMonitoringConfig):
+        assert callable(cls)
