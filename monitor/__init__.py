@@ -14,8 +14,6 @@ See ``monitor/README.md`` for the log tree and every field.
 
 from monitor._version import __version__
 from monitor.distributed import RankMismatchError
-from monitor.session import MonitorSession
-from monitor.train import Monitor, StepHandle
 from monitor.observer import Observer  # noqa: E402  (after Monitor: observers build on it)
 from monitor.pruning import (  # noqa: E402
     AggregationObserver,
@@ -23,6 +21,8 @@ from monitor.pruning import (  # noqa: E402
     MoERouterObserver,
     PruningObserver,
 )
+from monitor.session import MonitorSession
+from monitor.train import Monitor, StepHandle
 
 __all__ = ["AggregationObserver", "FiLMObserver", "Monitor", "MoERouterObserver",
            "MonitorSession", "Observer", "PruningObserver", "RankMismatchError", "StepHandle",

@@ -40,7 +40,7 @@ from monitor.session import MonitorSession
 
 EVENT_METRICS = ("gamma", "beta", "gamma_norm", "beta_norm", "modulation_strength")
 OVERALL = ("gamma_norm", "beta_norm", "modulation_strength")
-DEFAULT_EDGES = tuple(i / 20 - 1.0 for i in range(41))
+DEFAULT_EDGES = tuple(k / 20 for k in range(-20, 21))  # -1.0, -0.95, ..., 1.0 exactly
 
 
 class FiLMObserver(Observer):

@@ -55,13 +55,14 @@ class MoERouterObserver(Observer):
                  collapse_threshold: float = 0.95, collapse_patience: int = 3,
                  event_interval: int = 10, detailed_interval: int = 500,
                  hist_edges: Sequence[float] = DEFAULT_EDGES) -> None:
-        super().__init__(session, event_interval=event_interval,
-                         detailed_interval=detailed_interval)
         if not 0.0 < collapse_threshold < 1.0:
             raise ValueError(f"collapse_threshold must be in (0, 1), got {collapse_threshold}")
         if isinstance(collapse_patience, bool) or not isinstance(collapse_patience, int) \
                 or collapse_patience < 1:
             raise ValueError(f"collapse_patience must be an int >= 1, got {collapse_patience!r}")
+        _check_experts(experts)  # before the streams are registered in the session
+        super().__init__(session, event_interval=event_interval,
+                         detailed_interval=detailed_interval)
         self.collapse_threshold = collapse_threshold
         self.collapse_patience = collapse_patience
         self._edges = torch.tensor([float(x) for x in hist_edges], dtype=stats.DTYPE)
@@ -69,9 +70,7 @@ class MoERouterObserver(Observer):
 
     def set_experts(self, experts: Sequence[str]) -> None:
         """Name the experts (router output order); an adapter calls it before any hook."""
-        experts = [str(e) for e in experts]
-        if len(experts) < 2 or len(set(experts)) != len(experts):
-            raise ValueError(f"experts must be >= 2 distinct names, got {experts}")
+        experts = _check_experts(experts)
         self.experts = experts
         self._names = tuple([f"{e}_weight" for e in experts]
                             + [f"{e}_dominant" for e in experts] + ["entropy"])
@@ -91,8 +90,11 @@ class MoERouterObserver(Observer):
             raise ValueError(f"expected {len(self.experts)} experts, got weights of shape "
                              f"{tuple(weights.shape)}")
         dominant = torch.nn.functional.one_hot(w.argmax(dim=1), len(self.experts))
+        # argmax of a NaN row is 0: such a sample dominates nothing (counted non-finite)
+        dominant = torch.where(torch.isfinite(w).all(dim=1, keepdim=True),
+                               dominant.to(stats.DTYPE), torch.nan)
         entropy = -torch.special.xlogy(w, w).sum(dim=1, keepdim=True)
-        table = torch.cat([w, dominant.to(stats.DTYPE), entropy], dim=1).T
+        table = torch.cat([w, dominant, entropy], dim=1).T
         self.events.slots.update_rows(self._names, stats.rows_of_samples(table))
         for e, names in enumerate(self._hist):
             self.add_to_histogram(names, w[:, e], self._edges)
@@ -119,3 +121,10 @@ class MoERouterObserver(Observer):
         out.update({name: pick(self.last_metrics, name) for name in self._names})
         out["alerts"] = [a["alert"] for a in self.alerts]
         return out
+
+
+def _check_experts(experts: Sequence[str]) -> list[str]:
+    names = [str(e) for e in experts]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"experts must be >= 2 distinct names, got {names}")
+    return names

@@ -94,8 +94,10 @@ class PruningObserver(Observer):
         """
         per_sample, per_token, forced, overlap, hist = self._names[component]
         p = keep_prob.detach().to(stats.DTYPE)
-        kept = kept.detach().bool()
         num = p.shape[1]
+        if num == 0:
+            return
+        kept = kept.detach().to(torch.bool, copy=True)  # kept for the next layer's overlap
         n_kept = kept.sum(dim=1, dtype=stats.DTYPE)
         lowest_kept = torch.where(kept, p, math.inf).amin(dim=1)
         highest_dropped = torch.where(kept, -math.inf, p).amax(dim=1)
@@ -126,7 +128,8 @@ class PruningObserver(Observer):
             return
         inter = (kept & prev[1]).sum(dim=1, dtype=stats.DTYPE)
         union = (kept | prev[1]).sum(dim=1, dtype=stats.DTYPE)
-        self.detailed.slots.update_rows(names, stats.row_of_samples(inter / union.clamp(min=1)))
+        jaccard = inter / union.clamp(min=1)
+        self.detailed.slots.update_rows(names, stats.row_of_samples(jaccard, union > 0))
 
     def get_summary(self) -> dict:
         """The last compact record, shaped as the public CogVLA script reads it.

@@ -1,0 +1,133 @@
+"""CogVLA monitoring in real gloo worlds: the public script's calls, and observer reductions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from cogvla_workers import observers_world, public_script, rank_inputs
+from harness import run_world
+from reference import assert_matches, reference_stats
+from workers import read_jsonl
+
+pytestmark = pytest.mark.distributed
+
+PARTS = ("lfp", "film", "moe", "aggr")
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_public_script_with_the_monitor_on_rank0_only_finishes_and_writes_every_stream(
+        tmp_path, accumulation):
+    run_dir = tmp_path / "cogvla"
+    out = run_world(public_script, 2, tmp_path, timeout=150, run_dir=str(run_dir), steps=5,
+                    grad_accumulation_steps=accumulation, monitor_ranks=(0,))
+    assert out[1]["paths"] is None
+    paths = out[0]["paths"]
+    assert set(paths) == {"train", *PARTS}
+    meta = json.loads((run_dir / "monitor_logs" / "cogvla_meta.json").read_text())
+    assert meta["participation"]["decision"] == "rank0_only"
+    assert meta["parts"]["film"]["skipped"] == ["dino/layer_26"]
+    train = read_jsonl(run_dir / "monitor_logs" / "cogvla.jsonl")
+    assert [r["step"] for r in train] == [0, 2, 4]
+    # rank 0 alone: one loss per train context, `accumulation` contexts per logged step.
+    # Step 0 is written at its first context's exit, before the run has shown gradient
+    # accumulation; its later micro-batches go into the next record (monitor/README.md).
+    counts = [r["metrics"]["loss"]["count"] for r in train]
+    assert counts == ([1, 1, 1] if accumulation == 1 else [1, 3, 2])
+    for part in PARTS:
+        events = read_jsonl(run_dir / f"{part}_logs" / "cogvla.jsonl")
+        assert [r["step"] for r in events] == [0, 2, 4], part
+        assert read_jsonl(run_dir / f"{part}_logs" / "cogvla_detailed.jsonl"), part
+        summary = json.loads((run_dir / f"{part}_logs" / "cogvla_summary.json").read_text())
+        assert summary["status"] == "completed"
+    exported = out[0]["exported"]
+    assert len(exported) == 3 * accumulation
+    last = exported[-1]
+    for key in ("monitor/lfp/pruned_percent", "monitor/film/modulation_strength",
+                "monitor/moe/dino_weight", "monitor/aggr/compression_ratio"):
+        assert isinstance(last[key], float), key
+    assert 0.0 < last["monitor/lfp/pruned_percent"] < 1.0
+
+
+def test_public_script_with_the_monitor_on_every_rank_reduces_both_ranks(tmp_path):
+    run_dir = tmp_path / "cogvla"
+    out = run_world(public_script, 2, tmp_path, timeout=150, run_dir=str(run_dir), steps=3,
+                    grad_accumulation_steps=1, monitor_ranks=(0, 1))
+    assert out[0]["paths"]["lfp"].endswith("lfp_logs/cogvla_summary.json")
+    assert not (tmp_path / "rank1").exists()
+    meta = json.loads((run_dir / "monitor_logs" / "cogvla_meta.json").read_text())
+    assert meta["participation"]["decision"] == "all_ranks"
+    train = read_jsonl(run_dir / "monitor_logs" / "cogvla.jsonl")
+    assert [r["metrics"]["loss"]["count"] for r in train] == [2, 2]  # steps 0 and 2
+    moe = read_jsonl(run_dir / "moe_logs" / "cogvla.jsonl")
+    # 2 ranks x 2 images x batch 2 per forward; the record at step 0 holds one forward
+    assert moe[0]["metrics"]["dino_weight"]["count"] == 8
+
+
+def _reference(world_size, steps, calls, labels):
+    """numpy statistics of what every rank fed, bucketed by record label."""
+    buckets = {}
+    for rank in range(world_size):
+        for step in range(steps):
+            label = next(lab for lab in labels if lab >= step)
+            b = buckets.setdefault(label, {})
+            for call in range(calls):
+                x = rank_inputs(rank, step, call)
+                p, kept = x["p"], x["kept"]
+                b.setdefault("p", []).append(p)
+                b.setdefault("keep_ratio", []).append(kept.sum(1) / p.shape[1])
+                low = np.where(kept, p, np.inf).min(1)
+                high = np.where(kept, -np.inf, p).max(1)
+                b.setdefault("margin", []).append(low - high)  # NaN p: a NaN margin
+                b.setdefault("forced", []).append(x["forced"])
+                b.setdefault("gamma_norm", []).append(np.linalg.norm(x["gamma"], axis=1))
+                strength = np.sqrt((x["gamma"] ** 2).mean(1) + (x["beta"] ** 2).mean(1))
+                b.setdefault("strength", []).append(strength)
+                w = np.exp(x["logits"]) / np.exp(x["logits"]).sum(1, keepdims=True)
+                b.setdefault("dino", []).append(w[:, 0])
+                b.setdefault("ratio", []).append(np.full(x["batch"], 64.0))
+    return {label: {k: reference_stats(v) for k, v in b.items()} for label, b in buckets.items()}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_observer_streams_reduced_over_ranks_equal_numpy_over_every_ranks_inputs(
+        tmp_path, world_size):
+    steps, calls = 6, 2
+    run_dir = tmp_path / "obs"
+    out = run_world(observers_world, world_size, tmp_path, timeout=90, run_dir=str(run_dir),
+                    steps=steps, calls_per_step=calls)
+    labels = [0, 2, 4, 5]
+    want = _reference(world_size, steps, calls, labels)
+    lfp = read_jsonl(run_dir / "lfp_logs" / "obs.jsonl")
+    assert [r["step"] for r in lfp] == labels
+    for rec in lfp:
+        w, m = want[rec["step"]], rec["metrics"]
+        assert rec["world_size"] == world_size
+        assert_matches(m["layer_00/p_keep"], w["p"])
+        assert_matches(m["layer_00/keep_ratio"], w["keep_ratio"])
+        assert_matches(m["layer_00/forced_p_keep"], w["forced"])
+        assert_matches(m["layer_00/margin"], w["margin"])
+        # layer_01 saw the same tokens in another order: same statistics
+        assert_matches(m["layer_01/p_keep"], w["p"])
+        both = {"mean": w["p"]["mean"], "std": w["p"]["std"], "min": w["p"]["min"],
+                "max": w["p"]["max"], "count": 2 * w["p"]["count"],
+                "nonfinite": 2 * w["p"]["nonfinite"]}
+        assert_matches(m["overall/p_keep"], both)
+    film = read_jsonl(run_dir / "film_logs" / "obs.jsonl")
+    moe = read_jsonl(run_dir / "moe_logs" / "obs.jsonl")
+    aggr = read_jsonl(run_dir / "aggr_logs" / "obs.jsonl")
+    for f, mo, ag in zip(film, moe, aggr):
+        w = want[f["step"]]
+        assert_matches(f["metrics"]["dino/layer_00/gamma_norm"], w["gamma_norm"])
+        assert_matches(f["metrics"]["dino/layer_00/modulation_strength"], w["strength"])
+        assert_matches(mo["metrics"]["dino_weight"], w["dino"])
+        assert_matches(ag["metrics"]["dino/compression_ratio"], w["ratio"])
+    detailed = read_jsonl(run_dir / "lfp_logs" / "obs_detailed.jsonl")
+    assert [r["step"] for r in detailed] == [0, 4, 5]
+    total = sum(sum(r["histograms"]["layer_00/p_keep"]["counts"])
+                + r["histograms"]["layer_00/p_keep"]["nonfinite"] for r in detailed)
+    assert total == sum(want[lab]["p"]["count"] + want[lab]["p"]["nonfinite"] for lab in labels)
+    for rank_out in out:
+        # one fused reduction (3 collectives) when anything is due, else none
+        assert rank_out["per_step"][:-1] == [0, 3, 0, 3, 0, 3]
