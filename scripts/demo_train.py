@@ -1,10 +1,12 @@
-"""Demo training job: run under torchrun (see scripts/demo.sh).
+"""Demo training job: the CogVLA stand-in under DDP with every monitor part on.
 
-A small MLP learns a synthetic regression on every rank with DDP over gloo; each rank sees
-its own data shard (ranks differ on purpose, so the reduction matters). The monitor is
-built on every rank, gets the loss tensor (no .item() in the loop), the learning rate, the
-gradient norm and the prediction magnitudes, and an eval loss every few steps. Rank 0
-writes runs/{run_id}/monitor_logs/.
+Run under torchrun (see scripts/demo.sh), or as a plain process (one rank, no process
+group). Each rank trains the tiny CogVLA stand-in (``monitor.testing``: the real model's
+module names, call order and shapes at toy widths) on its own synthetic batches, with DDP
+(``find_unused_parameters=True``: the last block of each ViT never gets a gradient, as in
+the real model). ``CogVLAMonitoring`` is built on every rank with all five parts on and is
+called exactly as the public CogVLA training script calls it; rank 0 writes
+``runs/{run_id}/``.
 """
 
 from __future__ import annotations
@@ -12,75 +14,97 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
+import warnings
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from monitor import Monitor
+from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
+from monitor.testing import TinyCogVLAConfig, build_tiny_cogvla, synthetic_batch
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--run-id", required=True)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--log-interval", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--grad-accumulation", type=int, default=1)
+    p.add_argument("--log-interval", type=int, default=10, help="monitor_log_interval")
+    p.add_argument("--event-interval", type=int, default=5, help="pruning_event_log_interval")
+    p.add_argument("--detailed-interval", type=int, default=15, help="detailed_log_interval")
+    p.add_argument("--lr", type=float, default=1e-3)
     return p.parse_args()
-
-
-def batch(gen: torch.Generator, size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(size, 16, generator=gen) + 0.5 * rank
-    y = torch.sin(x[:, :4].sum(dim=1, keepdim=True)) + 0.1 * torch.randn(size, 1, generator=gen)
-    return x, y
 
 
 def main() -> None:
     args = parse_args()
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    rank = dist.get_rank()
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    rank = dist.get_rank() if distributed else 0
     torch.manual_seed(0)
-    model = DDP(nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 1)))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    cfg = TinyCogVLAConfig()
+    vla = build_tiny_cogvla(cfg, seed=0)
+    if distributed:
+        vla = DDP(vla, find_unused_parameters=True)
+    opt = torch.optim.AdamW(vla.parameters(), lr=args.lr)
+    total = args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.steps)))
-    mon = Monitor(run_dir=args.run_dir, run_id=args.run_id, config_name="synthetic-regression",
-                  log_interval=args.log_interval, config=vars(args))
-    gen = torch.Generator().manual_seed(1000 + rank)
-    for step in range(1, args.steps + 1):
-        mon.log_step(step)
-        x, y = batch(gen, args.batch_size, rank)
-        pred = model(x)
-        loss = nn.functional.mse_loss(pred, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        with mon.step(step, mode="train") as h:
-            h.log(loss=loss.detach(), lr=lr,
-                  extra={"grad_norm": grad_norm, "pred_abs": pred.detach().abs()})
-        if step % args.eval_every == 0:
-            with torch.no_grad():
-                xe, ye = batch(gen, 4 * args.batch_size, rank)
-                eval_loss = nn.functional.mse_loss(model(xe), ye, reduction="none")
-            with mon.step(step, mode="eval") as h:
-                h.log(loss=eval_loss)
-    summary = mon.finalize()
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    monitor_cfg = CogVLAMonitoringConfig(
+        enable_train_monitor=True, enable_lfp_monitor=True, enable_film_monitor=True,
+        enable_moe_monitor=True, enable_aggr_monitor=True,
+        monitor_log_interval=args.log_interval, detailed_log_interval=args.detailed_interval,
+        pruning_event_log_interval=args.event_interval, enable_tensorboard=False,
+        film_sample_layers=[0, 9, 18, 26],
+    )
+    monitor = CogVLAMonitoring(run_dir=args.run_dir, run_id=args.run_id,
+                               config_name="synthetic-libero", cfg=monitor_cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counts = monitor.attach(vla)  # after DDP wrapping, as the public script does
     if rank == 0:
-        print(f"[rank 0] monitor summary: {summary}", flush=True)
-    # Tear down while the interpreter is fully alive: DDP holds the process group, and a
-    # gloo group left to interpreter shutdown can abort a rank ("terminate called without
-    # an active exception", seen with torch 2.13 in about 1 run in 6 on a loaded machine).
-    dist.barrier()
-    del model, opt
-    dist.destroy_process_group()
-    gc.collect()
+        print(f"[rank 0] hooks per part: {counts}", flush=True)
+        for w in caught:
+            print(f"[rank 0] attach warning: {w.message}", flush=True)
+    gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own data
+    for batch_idx in range(args.steps * args.grad_accumulation):
+        step = batch_idx // args.grad_accumulation
+        monitor.log_step(step)  # before the forward: its hooks count toward this step
+        out = vla(**synthetic_batch(cfg, batch_size=args.batch_size, generator=gen))
+        (out.loss / args.grad_accumulation).backward()
+        last_micro_batch = (batch_idx + 1) % args.grad_accumulation == 0
+        grad_norm = None
+        if last_micro_batch:
+            grad_norm = torch.nn.utils.clip_grad_norm_(vla.parameters(), 1.0)
+        with monitor.step(step, mode="train") as h:
+            h.log(loss=out.loss.detach(), lr=sched.get_last_lr()[0],
+                  extra={"grad_norm": grad_norm})
+        if last_micro_batch:
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        if rank == 0 and step % args.log_interval == 0 and last_micro_batch:
+            lfp = monitor.lfp_observer.get_summary()["overall"]
+            if lfp["count"]:
+                print(f"[rank 0] step {step}: visual tokens kept "
+                      f"{lfp['prune_ratio']['mean']:.3f} (last LFP record, step "
+                      f"{monitor.lfp_observer.last_step})", flush=True)
+    paths = monitor.finalize()
+    if rank == 0:
+        print(f"[rank 0] summaries: {sorted(paths)}", flush=True)
+    if distributed:
+        # Tear down while the interpreter is fully alive: a gloo group left to interpreter
+        # shutdown can abort a rank (seen with torch 2.13, about 1 run in 6 under load).
+        dist.barrier()
+        del vla, opt
+        dist.destroy_process_group()
+        gc.collect()
+
 
 if __name__ == "__main__":
     main()
