@@ -78,6 +78,7 @@ class MoERouterObserver(Observer):
         self._hist = [self.declare_histogram(f"{e}_weight", self._edges.tolist())
                       for e in experts]
         self._above = dict.fromkeys(experts, 0)
+        self._expert_index = torch.arange(len(experts))
 
     def observe_logits(self, logits: torch.Tensor) -> None:
         """Router logits ``(..., E)``: the weights are their softmax over the last dim."""
@@ -89,10 +90,11 @@ class MoERouterObserver(Observer):
         if w.shape[1] != len(self.experts):
             raise ValueError(f"expected {len(self.experts)} experts, got weights of shape "
                              f"{tuple(weights.shape)}")
-        dominant = torch.nn.functional.one_hot(w.argmax(dim=1), len(self.experts))
+        # not F.one_hot: it checks its input's range on the host (a device sync on CUDA)
+        experts = self.on_device(self._expert_index, w.device)
+        dominant = (w.argmax(dim=1, keepdim=True) == experts).to(stats.DTYPE)
         # argmax of a NaN row is 0: such a sample dominates nothing (counted non-finite)
-        dominant = torch.where(torch.isfinite(w).all(dim=1, keepdim=True),
-                               dominant.to(stats.DTYPE), torch.nan)
+        dominant = torch.where(torch.isfinite(w).all(dim=1, keepdim=True), dominant, torch.nan)
         entropy = -torch.special.xlogy(w, w).sum(dim=1, keepdim=True)
         table = torch.cat([w, dominant, entropy], dim=1).T
         self.events.slots.update_rows(self._names, stats.rows_of_samples(table))
