@@ -40,8 +40,10 @@ def public_script(rank, world_size, run_dir, steps, grad_accumulation_steps, mon
     observers = [o for o in (monitor.lfp_observer, monitor.film_observer, monitor.moe_observer,
                              monitor.aggr_observer) if o is not None] if monitor else []
     gen = torch.Generator().manual_seed(100 + rank)
-    exported = []
+    exported, per_batch = [], []
+    counter = count_collectives()
     for batch_idx in range(steps * grad_accumulation_steps):
+        before = counter["n"]
         out = vla(**synthetic_batch(cfg, batch_size=2, generator=gen))
         (out.loss / grad_accumulation_steps).backward()
         log_step = batch_idx // grad_accumulation_steps
@@ -53,14 +55,18 @@ def public_script(rank, world_size, run_dir, steps, grad_accumulation_steps, mon
                 with train_monitor.step(log_step, mode="train") as h:
                     h.log(loss=out.loss.detach(), lr=1e-3,
                           extra={"curr_action_l1_loss": out.loss.detach() * 0.5})
+        per_batch.append(counter["n"] - before)  # DDP's own all_reduce is not counted
         if (batch_idx + 1) % grad_accumulation_steps == 0:
             opt.step()
             opt.zero_grad(set_to_none=True)
         if monitor is not None and rank == 0 and log_step % lfp_monitor_interval == 0:
             exported.append(_export(monitor))
+    before = counter["n"]
     paths = monitor.finalize() if monitor is not None else None
+    per_batch.append(counter["n"] - before)
+    counter["restore"]()
     del vla, opt
-    return {"paths": paths, "exported": exported}
+    return {"paths": paths, "exported": exported, "collectives": per_batch}
 
 
 def _export(monitor) -> dict:

@@ -63,6 +63,11 @@ def test_public_script_with_the_monitor_on_every_rank_reduces_both_ranks(tmp_pat
     moe = read_jsonl(run_dir / "moe_logs" / "cogvla.jsonl")
     # 2 ranks x 2 images x batch 2 per forward; the record at step 0 holds one forward
     assert moe[0]["metrics"]["dino_weight"]["count"] == 8
+    # Steps 0 and 2 are due for the train monitor and all four observers' compact
+    # streams (step 0 for the detailed ones too): one fused reduction each, at the train
+    # context's exit; finalize reduces what steps 1-2 left in one more.
+    for rank_out in out:
+        assert rank_out["collectives"] == [3, 0, 3, 3]
 
 
 def _reference(world_size, steps, calls, labels):
