@@ -16,7 +16,9 @@ Rank 0 writes them under ``{run_dir}/{part}_logs/``::
 Every slot is declared before the first hook fires (:meth:`Observer.declare`), so every
 rank reduces the same rows whichever hooks fired. Hooks run under ``torch.no_grad()`` on
 detached tensors, return None and never raise into the model: an error inside one is
-reported once as a warning, counted in meta, and that call's statistics are dropped.
+reported once as a warning, counted in meta, and that call's statistics are dropped. A
+forward that activation checkpointing re-runs inside the backward pass is not counted
+twice (hooks skip while a backward pass runs).
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ HIST_SEP = "#"
 """Histogram bins are slots named ``{metric}#{bin}``."""
 
 SUMMARY_EVERY_S = 30.0
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _in_backward() -> bool:
+    """True inside a backward pass (where reentrant checkpointing recomputes forwards)."""
+    return _graph_task_id is not None and _graph_task_id() >= 0
 
 
 class _ObserverStream(Stream):
@@ -145,6 +155,8 @@ class Observer:
         replaced), and an exception inside it is reported, not raised into the model.
         """
         def forward_hook(mod, args, kwargs, output):
+            if _in_backward():  # activation checkpointing re-runs the forward: seen already
+                return None
             try:
                 with torch.no_grad():
                     fn(mod, args, kwargs, output)

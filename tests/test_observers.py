@@ -970,3 +970,19 @@ def test_two_observers_of_one_session_write_their_own_files_at_the_same_steps(tm
     assert all(k.startswith(("a_", "b_", "entropy")) for r in read_jsonl(moe.jsonl_path)
                for k in r["metrics"])
     assert read_jsonl(moe.jsonl_path)[1]["metrics"]["entropy"]["count"] == 3 * 3
+
+
+def test_a_forward_recomputed_by_activation_checkpointing_is_not_counted_twice(tmp_path):
+    from torch.utils.checkpoint import checkpoint
+
+    session = MonitorSession(tmp_path / "run", "r")
+    moe = MoERouterObserver(session, ["a", "b"], event_interval=1)
+    router = torch.nn.Linear(3, 2)
+    moe.hook(router, lambda m, a, k, out: moe.observe_logits(out), name="router")
+    moe.log_step(0)
+    x = torch.randn(4, 3, requires_grad=True)
+    for use_reentrant in (True, False):
+        checkpoint(router, x, use_reentrant=use_reentrant).sum().backward()
+    moe.finalize()
+    rec = read_jsonl(moe.jsonl_path)[0]
+    assert rec["metrics"]["a_weight"]["count"] == 8  # two forwards of 4 samples
