@@ -413,3 +413,24 @@ def test_hooks_read_nothing_back_to_the_host_between_flushes(tmp_path, cfg, monk
     mon.finalize()  # the flush reads results back: the one place the host waits
     assert calls
     monkeypatch.undo()
+
+
+def test_padding_is_left_out_of_the_force_kept_tokens(tmp_path, cfg):
+    model = build_tiny_cogvla(cfg, seed=0)
+    mon = make(tmp_path, enable_film_monitor=False, enable_moe_monitor=False,
+               enable_aggr_monitor=False)
+    mon.attach(model)
+    lengths = []
+    handle = model.language_model.model.layers[8].router.register_forward_hook(
+        lambda m, args, out: lengths.append(args[0].shape[1]))
+    mon.log_step(0)
+    batch = synthetic_batch(cfg, batch_size=2, generator=torch.Generator().manual_seed(0),
+                            pad_tokens=3)  # the second sample ends in 3 pad tokens
+    model(**batch).loss.backward()
+    handle.remove()
+    mon.finalize()
+    nv = cfg.num_vision_aggr * cfg.num_images_in_input
+    rec = read_jsonl(tmp_path / "r" / "lfp_logs" / "r.jsonl")[0]["metrics"]
+    (seq_len,) = lengths
+    for idx in range(8, 32):
+        assert rec[f"layer_{idx:02d}/forced_p_keep"]["count"] == 2 * (seq_len - nv) - 3
