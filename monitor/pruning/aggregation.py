@@ -25,7 +25,7 @@ import torch
 
 from monitor import stats
 from monitor.observer import Observer
-from monitor.pruning.summary import pick
+from monitor.pruning.summary import by_group
 from monitor.session import MonitorSession
 
 EVENT_METRICS = ("tokens_in", "tokens_out", "compression_ratio")
@@ -87,9 +87,5 @@ class AggregationObserver(Observer):
     def get_summary(self) -> dict:
         """Last compact record: overall ``compression_ratio``, ``tokens_in``,
         ``tokens_out`` and the same per encoder."""
-        m = self.last_metrics
-        out: dict = {"step": self.last_step}
-        out.update({name: pick(m, f"overall/{name}") for name in EVENT_METRICS})
-        out["by_encoder"] = {e: {name: pick(m, f"{e}/{name}") for name in EVENT_METRICS}
-                             for e in self.encoders}
-        return out
+        return by_group(self.last_metrics, self.last_step, EVENT_METRICS, self.encoders,
+                        EVENT_METRICS, "by_encoder")

@@ -35,7 +35,7 @@ import torch
 
 from monitor import stats
 from monitor.observer import Observer
-from monitor.pruning.summary import pick
+from monitor.pruning.summary import by_group
 from monitor.session import MonitorSession
 
 EVENT_METRICS = ("gamma", "beta", "gamma_norm", "beta_norm", "modulation_strength")
@@ -111,9 +111,5 @@ class FiLMObserver(Observer):
     def get_summary(self) -> dict:
         """Last compact record: overall ``gamma_norm``, ``beta_norm``,
         ``modulation_strength`` and every metric per component."""
-        m = self.last_metrics
-        out: dict = {"step": self.last_step}
-        out.update({name: pick(m, f"overall/{name}") for name in OVERALL})
-        out["by_component"] = {c: {name: pick(m, f"{c}/{name}") for name in EVENT_METRICS}
-                               for c in self.components}
-        return out
+        return by_group(self.last_metrics, self.last_step, OVERALL, self.components,
+                        EVENT_METRICS, "by_component")
