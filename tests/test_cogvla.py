@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
@@ -324,6 +325,8 @@ def test_only_the_train_monitor_on_logs_loss_and_no_observer(tmp_path, cfg):
     ("film_sample_layers", [0, 0], ValueError, "duplicates"),
     ("film_sample_layers", "0,9", TypeError, "list of ints"),
     ("film_sample_layers", [0.5], TypeError, "must hold ints"),
+    ("film_sample_layers", [], ValueError, "at least one block"),
+    ("moe_collapse_threshold", "0.9", TypeError, "moe_collapse_threshold must be a number"),
     ("enable_lfp_monitor", "yes", TypeError, "enable_lfp_monitor must be a bool"),
     ("moe_collapse_threshold", 1.5, ValueError, "moe_collapse_threshold must be in"),
 ])
@@ -434,3 +437,37 @@ def test_padding_is_left_out_of_the_force_kept_tokens(tmp_path, cfg):
     (seq_len,) = lengths
     for idx in range(8, 32):
         assert rec[f"layer_{idx:02d}/forced_p_keep"]["count"] == 2 * (seq_len - nv) - 3
+
+
+def test_config_takes_numpy_ints_for_film_layers():
+    assert CogVLAMonitoringConfig(film_sample_layers=np.array([0, 9])).film_sample_layers == [0, 9]
+
+
+def test_step_with_the_train_monitor_off_still_moves_the_observers(tmp_path, cfg):
+    model = build_tiny_cogvla(cfg, seed=0)
+    mon = make(tmp_path, enable_train_monitor=False, enable_lfp_monitor=False,
+               enable_film_monitor=False, enable_aggr_monitor=False)
+    mon.attach(model)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        model(**synthetic_batch(cfg, batch_size=2, generator=gen)).loss.backward()
+        with pytest.warns(RuntimeWarning, match="enable_train_monitor is False") if step == 0 \
+                else contextlib.nullcontext():
+            with mon.step(step) as h:
+                h.log(loss=1.0)
+    mon.finalize()
+    steps = [r["step"] for r in read_jsonl(tmp_path / "r" / "moe_logs" / "r.jsonl")]
+    assert steps == [0, 2]
+
+
+def test_finalize_writes_eval_values_a_raising_context_left_pending(tmp_path):
+    mon = make(tmp_path, enable_lfp_monitor=False, enable_film_monitor=False,
+               enable_moe_monitor=False, enable_aggr_monitor=False)
+    with pytest.raises(KeyError):
+        with mon.step(3, mode="eval") as h:
+            h.log(loss=0.5)
+            raise KeyError("eval loop broke")
+    mon.finalize()
+    recs = read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")
+    assert [(r["step"], r["mode"], r["metrics"]["loss"]["count"]) for r in recs] == [
+        (3, "eval", 1)]

@@ -13,7 +13,7 @@ key                        samples (one per sample per encoder call)            
 ``{enc}/tokens_out``       tokens leaving it (aggregation tokens)                      events
 ``{enc}/compression_ratio``  tokens_in / tokens_out (4.0 for 256 patches -> 64 tokens)  events
 ``{enc}/token_cosine``     mean pairwise cosine similarity of the K tokens that left
-                           (1: all alike, 0: orthogonal)                               detailed
+                           (1: all alike, 0: orthogonal; as low as -1/(K-1))           detailed
 =========================  ==========================================================  ========
 """
 

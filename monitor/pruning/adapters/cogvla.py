@@ -25,6 +25,8 @@ public script does) for rank 0's own: see ``MonitorSession``'s ``participation``
 from __future__ import annotations
 
 import contextlib
+import numbers
+import operator
 import os
 import warnings
 from collections.abc import Iterator
@@ -98,11 +100,11 @@ class CogVLAMonitoringConfig:
         if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
             raise TypeError("CogVLAMonitoringConfig.film_sample_layers must be a list of "
                             f"ints, got {layers!r}")
-        layers = list(layers)
+        layers = [_as_index("CogVLAMonitoringConfig.film_sample_layers", i) for i in layers]
+        if not layers:
+            raise ValueError("CogVLAMonitoringConfig.film_sample_layers must name at least one "
+                             "block (set enable_film_monitor=False to turn FiLM off)")
         for i in layers:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise TypeError("CogVLAMonitoringConfig.film_sample_layers must hold ints, "
-                                f"got {i!r}")
             if i < 0:
                 raise ValueError("CogVLAMonitoringConfig.film_sample_layers must be >= 0, "
                                  f"got {i}")
@@ -110,9 +112,22 @@ class CogVLAMonitoringConfig:
             raise ValueError("CogVLAMonitoringConfig.film_sample_layers has duplicates: "
                              f"{layers}")
         self.film_sample_layers = layers
+        threshold = self.moe_collapse_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise TypeError("CogVLAMonitoringConfig.moe_collapse_threshold must be a number, "
+                            f"got {threshold!r}")
         if not 0.0 < self.moe_collapse_threshold < 1.0:
             raise ValueError("CogVLAMonitoringConfig.moe_collapse_threshold must be in "
                              f"(0, 1), got {self.moe_collapse_threshold}")
+
+
+def _as_index(name: str, value: object) -> int:
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must hold ints, got {value!r}")
 
 
 class CogVLAMonitoring:
@@ -226,6 +241,7 @@ class CogVLAMonitoring:
             with self.train_monitor.step(step, mode) as handle:
                 yield handle
             return
+        self.log_step(step)  # the observers still learn the step
         if not self._warned_no_train:
             self._warned_no_train = True
             warnings.warn("monitor: step() logs nothing: enable_train_monitor is False",
@@ -248,7 +264,8 @@ class CogVLAMonitoring:
             raise
         finally:
             if self.train_monitor is not None:
-                paths["train"] = self.train_monitor._finish(status, None, flush=False)
+                # flushes only what the fused flush did not take (eval values left pending)
+                paths["train"] = self.train_monitor._finish(status, None)
             for part, obs in self.observers.items():
                 paths[part] = obs.finalize(status, flush=False)
             self._paths = paths
