@@ -471,3 +471,36 @@ def test_finalize_writes_eval_values_a_raising_context_left_pending(tmp_path):
     recs = read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")
     assert [(r["step"], r["mode"], r["metrics"]["loss"]["count"]) for r in recs] == [
         (3, "eval", 1)]
+
+
+def test_each_adapter_also_attaches_to_its_own_part_of_the_model(tmp_path, cfg):
+    from monitor import MonitorSession
+    from monitor.pruning import (
+        AggregationObserver,
+        FiLMObserver,
+        MoERouterObserver,
+        PruningObserver,
+    )
+    from monitor.pruning.adapters.cogvla import (
+        CogVLAAggregationAdapter,
+        CogVLAFiLMAdapter,
+        CogVLALfpAdapter,
+        CogVLAMoEAdapter,
+    )
+
+    model = build_tiny_cogvla(cfg, seed=0)
+    session = MonitorSession(tmp_path / "parts", "p")
+    lfp, film = PruningObserver(session), FiLMObserver(session)
+    moe, aggr = MoERouterObserver(session), AggregationObserver(session)
+    assert CogVLALfpAdapter(lfp).attach(model.language_model) == 24
+    assert CogVLAFiLMAdapter(film, [0, 9]).attach(model.vision_backbone) == 8
+    assert CogVLAMoEAdapter(moe).attach(model.aggregation_router) == 1
+    assert CogVLAAggregationAdapter(aggr).attach(model.vision_backbone) == 4
+    assert film.components == ["dino/layer_00", "dino/layer_09", "siglip/layer_00",
+                               "siglip/layer_09"]
+    assert aggr.encoders == ["dino", "siglip"]
+    session.scheduler.advance(0)
+    model(**synthetic_batch(cfg, batch_size=2, generator=torch.Generator().manual_seed(0)))
+    for obs in (lfp, film, moe, aggr):
+        obs.finalize()
+        assert read_jsonl(obs.jsonl_path), obs.part

@@ -42,12 +42,31 @@ KNOWN_SHAPES = {(24, 1024, 5): "dino", (27, 1152, 0): "siglip"}
 
 
 def vision_backbone_of(root: torch.nn.Module) -> torch.nn.Module | None:
-    """The module that holds ``featurizer`` (inside the FiLM/aggregation wrapper or bare)."""
-    for path in ("vision_backbone.vision_backbone", "vision_backbone"):
-        vb = get_path(root, path)
+    """The module that holds ``featurizer``: under the VLA (inside the FiLM/aggregation
+    wrapper or bare), under the wrapper, or ``root`` itself."""
+    for vb in (get_path(root, "vision_backbone.vision_backbone"),
+               get_path(root, "vision_backbone"), root):
         if isinstance(vb, torch.nn.Module) and isinstance(getattr(vb, "featurizer", None),
                                                           torch.nn.Module):
             return vb
+    return None
+
+
+def aggregation_wrapper_of(root: torch.nn.Module) -> torch.nn.Module | None:
+    """The module holding the aggregation tokens: ``R.vision_backbone`` or ``root`` itself."""
+    for wrapper in (get_path(root, "vision_backbone"), root):
+        if isinstance(wrapper, torch.nn.Module) and any(
+                hasattr(wrapper, attr) for _, attr in ENCODER_ATTRS):
+            return wrapper
+    return None
+
+
+def moe_router_of(root: torch.nn.Module) -> torch.nn.Module | None:
+    """``R.aggregation_router.router``, or ``.router`` of ``root`` when it is the MoE module."""
+    for owner in (get_path(root, "aggregation_router"), root):
+        router = getattr(owner, "router", None)
+        if isinstance(router, torch.nn.Module) and hasattr(owner, "routing_outcome"):
+            return router
     return None
 
 
@@ -102,12 +121,15 @@ def film_blocks(vit: torch.nn.Module) -> list[torch.nn.Module | None]:
 
 
 def llm_layers(root: torch.nn.Module) -> tuple[Sequence[torch.nn.Module], object]:
-    """The decoder layers and the language model's config (``lfp_target_layers``)."""
-    lm = getattr(root, "language_model", None)
-    for path in ("model.layers", "layers", "model.model.layers"):
-        layers = get_path(lm, path) if lm is not None else None
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers, getattr(lm, "config", None)
+    """The decoder layers and the language model's config (``lfp_target_layers``), under
+    the VLA (``R.language_model``) or under ``root`` itself (a bare causal LM or model)."""
+    for owner in (getattr(root, "language_model", None), root):
+        if owner is None:
+            continue
+        for path in ("model.layers", "layers"):
+            layers = get_path(owner, path)
+            if isinstance(layers, torch.nn.ModuleList):
+                return layers, getattr(owner, "config", None)
     return [], None
 
 
@@ -289,7 +311,7 @@ class CogVLAMoEAdapter:
 
     def attach(self, model: torch.nn.Module) -> int:
         root = unwrap(model)
-        router = get_path(root, "aggregation_router.router")
+        router = moe_router_of(root)
         if not isinstance(router, torch.nn.Module):
             self.observer.describe(module=None)
             return 0
@@ -316,7 +338,7 @@ class CogVLAAggregationAdapter:
 
     def attach(self, model: torch.nn.Module) -> int:
         root = unwrap(model)
-        wrapper = getattr(root, "vision_backbone", None)
+        wrapper = aggregation_wrapper_of(root)
         hooks, found = 0, {}
         for enc in find_encoders(root):
             aggr_attr = dict(ENCODER_ATTRS)[enc["attr"]]
