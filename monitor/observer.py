@@ -68,6 +68,7 @@ class _ObserverStream(Stream):
         return order, rows
 
     def emit(self, label, names, rows) -> None:
+        self.slots.declare(names)  # adopt the union so the next flush takes the fast path
         self.observer._emit(self.kind, label, names, rows)
 
 

@@ -227,12 +227,12 @@ class Monitor:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _finish(self, status: str, error: str | None, *, flush: bool = True) -> str:
+    def _finish(self, status: str, error: str | None) -> str:
         if self._finalized:
             return str(self.summary_path)
         self._finalized = True
         try:
-            if status == "completed" and flush:
+            if status == "completed":
                 for mode in sorted(self._streams):
                     stream = self._streams[mode]
                     if stream.dirty:
