@@ -242,7 +242,8 @@ class Observer:
             if sum(c) == 0:
                 continue
             c = [int(v) for v in c]
-            out[name] = {"edges": self._hists[name], "counts": c[1:-2], "below": c[0],
+            # a histogram only another rank declared: its edges are that rank's (null here)
+            out[name] = {"edges": self._hists.get(name), "counts": c[1:-2], "below": c[0],
                          "above": c[-2], "nonfinite": c[-1]}
         return out
 

@@ -143,3 +143,24 @@ def observers_world(rank, world_size, run_dir, steps, calls_per_step):
     finally:
         counter["restore"]()
     return {"per_step": per_step, "calls": counter["calls"]}
+
+
+def observers_that_differ(rank, world_size, run_dir):
+    """Rank 1 found one more layer than rank 0 (a model that differs): no hang, the union."""
+    counter = count_collectives()
+    try:
+        session = MonitorSession(run_dir, "diff", participation="all")
+        comps = ["layer_00"] + (["layer_01"] if rank == 1 else [])
+        lfp = PruningObserver(session, comps, event_interval=1, detailed_interval=100)
+        per_step = []
+        for step in range(4):
+            before = counter["n"]
+            lfp.log_step(step)
+            per_step.append(counter["n"] - before)
+            for c in comps:
+                p = torch.full((2, 4), 0.25 * (rank + 1), dtype=torch.float64)
+                lfp.observe(c, p, torch.tensor([[True, True, False, False]] * 2))
+        lfp.finalize()
+    finally:
+        counter["restore"]()
+    return {"per_step": per_step, "calls": counter["calls"]}

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from cogvla_workers import observers_world, public_script, rank_inputs
+from cogvla_workers import observers_that_differ, observers_world, public_script, rank_inputs
 from harness import run_world
 from reference import assert_matches, reference_stats
 from workers import read_jsonl
@@ -136,3 +136,16 @@ def test_observer_streams_reduced_over_ranks_equal_numpy_over_every_ranks_inputs
     for rank_out in out:
         # one fused reduction (3 collectives) when anything is due, else none
         assert rank_out["per_step"][:-1] == [0, 3, 0, 3, 0, 3]
+
+
+def test_ranks_that_declared_different_components_reduce_the_union_without_a_hang(tmp_path):
+    run_dir = tmp_path / "diff"
+    out = run_world(observers_that_differ, 2, tmp_path, timeout=60, run_dir=str(run_dir))
+    recs = read_jsonl(run_dir / "lfp_logs" / "diff.jsonl")
+    assert [r["step"] for r in recs] == [0, 1, 2, 3]
+    for rec in recs:
+        m = rec["metrics"]
+        assert m["layer_00/p_keep"]["count"] == 16 and m["layer_00/p_keep"]["mean"] == 0.375
+        assert m["layer_01/p_keep"]["count"] == 8 and m["layer_01/p_keep"]["mean"] == 0.5
+    for rank_out in out:
+        assert rank_out["per_step"] == [0, 3, 3, 3]
