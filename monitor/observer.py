@@ -159,7 +159,9 @@ class Observer:
             if _in_backward():  # activation checkpointing re-runs the forward: seen already
                 return None
             try:
-                with torch.no_grad():
+                # not inference mode either: tensors made there could never be updated
+                # in place (reset at a flush) once training goes on outside it
+                with torch.inference_mode(False), torch.no_grad():
                     fn(mod, args, kwargs, output)
             except Exception as exc:  # noqa: BLE001 - monitoring must never kill training
                 self._on_hook_error(name, exc)

@@ -170,7 +170,8 @@ class StatSlots:
         needed = len(self._index)
         if acc is None or acc.shape[0] < needed:
             old = 0 if acc is None else acc.shape[0]
-            grown = stats.empty_rows(max(needed, 2 * old), device)
+            with torch.inference_mode(False):  # a flush resets it in place, outside that mode
+                grown = stats.empty_rows(max(needed, 2 * old), device)
             if acc is not None:
                 grown[:old].copy_(acc)
             self._acc[device] = acc = grown

@@ -504,3 +504,25 @@ def test_each_adapter_also_attaches_to_its_own_part_of_the_model(tmp_path, cfg):
     for obs in (lfp, film, moe, aggr):
         obs.finalize()
         assert read_jsonl(obs.jsonl_path), obs.part
+
+
+def test_a_first_forward_under_inference_mode_does_not_break_later_flushes(tmp_path, cfg):
+    model = build_tiny_cogvla(cfg, seed=0)
+    mon = make(tmp_path, film_sample_layers=[0], pruning_event_log_interval=1)
+    mon.attach(model)
+    gen = torch.Generator().manual_seed(0)
+    mon.log_step(0)
+    with torch.inference_mode():  # e.g. a sanity rollout before training starts
+        model(**synthetic_batch(cfg, batch_size=2, generator=gen))
+        with mon.step(0, mode="eval") as h:
+            h.log(success=torch.tensor([1.0, 0.0]))
+    for step in range(1, 3):
+        mon.log_step(step)
+        out = model(**synthetic_batch(cfg, batch_size=2, generator=gen))
+        out.loss.backward()
+        with mon.step(step) as h:
+            h.log(loss=out.loss.detach())
+    mon.finalize()
+    moe = read_jsonl(tmp_path / "r" / "moe_logs" / "r.jsonl")
+    assert [(r["step"], r["metrics"]["dino_weight"]["count"]) for r in moe] == [
+        (0, 4), (1, 4), (2, 4)]
