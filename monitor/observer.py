@@ -96,14 +96,15 @@ class Observer:
                                         "detailed_log_interval")
         session.scheduler.add(self.events)
         session.scheduler.add(self.detailed)
-        folder = f"{self.part}_logs"
-        self.jsonl_path = session.files.path(f"{folder}/{self.run_id}.jsonl")
-        self.detailed_path = session.files.path(f"{folder}/{self.run_id}_detailed.jsonl")
-        self.summary_path = session.files.path(f"{folder}/{self.run_id}_summary.json")
-        self._summary_name = f"{folder}/{self.run_id}_summary.json"
-        self._sinks = {"events": session.files.jsonl(f"{folder}/{self.run_id}.jsonl"),
-                       "detailed": session.files.jsonl(f"{folder}/{self.run_id}_detailed.jsonl")}
+        stem = f"{self.part}_logs/{self.run_id}"
+        streams = {"events": f"{stem}.jsonl", "detailed": f"{stem}_detailed.jsonl"}
+        self._summary_name = f"{stem}_summary.json"
+        self.jsonl_path = session.files.path(streams["events"])
+        self.detailed_path = session.files.path(streams["detailed"])
+        self.summary_path = session.files.path(self._summary_name)
+        self._sinks = {kind: session.files.jsonl(name) for kind, name in streams.items()}
         self._hists: dict[str, list[float]] = {}
+        self._hist_edges: dict[tuple[str, ...], torch.Tensor] = {}
         self._constants: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._hooks: list = []
         self._hook_errors = 0
@@ -131,12 +132,12 @@ class Observer:
         self._hists[name] = edges
         names = tuple(f"{name}{HIST_SEP}{i:02d}" for i in range(len(edges) + 2))
         self.detailed.slots.declare(names)
+        self._hist_edges[names] = torch.tensor(edges, dtype=stats.DTYPE)
         return names
 
-    def add_to_histogram(self, names: tuple[str, ...], values: torch.Tensor,
-                         edges: torch.Tensor) -> None:
+    def add_to_histogram(self, names: tuple[str, ...], values: torch.Tensor) -> None:
         """Count ``values`` into the histogram slots ``names`` (from :meth:`declare_histogram`)."""
-        rows = stats.rows_of_bins(values, self.on_device(edges, values.device))
+        rows = stats.rows_of_bins(values, self.on_device(self._hist_edges[names], values.device))
         self.detailed.slots.update_rows(names, rows)
 
     def on_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

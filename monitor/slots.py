@@ -134,7 +134,7 @@ class StatSlots:
         key = (rows.device, names)
         index = self._name_index.get(key)
         if index is None:
-            index = self._index_on(rows.device, tuple(self._row(n) for n in names))
+            index = _device_index(rows.device, [self._row(n) for n in names])
             self._name_index[key] = index
         stats.combine_into_(acc, index, rows)
 
@@ -193,8 +193,13 @@ class StatSlots:
         if cached is None:
             if len(self._index_cache) >= _MAX_CACHED_INDEXES:
                 self._index_cache.clear()
-            host = torch.tensor(idx, dtype=torch.long)
-            if device.type == "cuda":
-                host = host.pin_memory()
-            cached = self._index_cache[key] = host.to(device, non_blocking=True)
+            cached = self._index_cache[key] = _device_index(device, idx)
         return cached
+
+
+def _device_index(device: torch.device, idx) -> torch.Tensor:
+    """Row indexes on ``device`` without waiting for it (pinned, non-blocking copy)."""
+    host = torch.tensor(list(idx), dtype=torch.long)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

@@ -106,10 +106,8 @@ def rows_of_bins(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     idx = torch.where(torch.isfinite(x), idx, nbins - 1)
     counts = torch.zeros(nbins, dtype=DTYPE, device=x.device)
     counts.scatter_add_(0, idx, torch.ones_like(x))  # not bincount: that syncs on CUDA
-    rows = torch.zeros(nbins, NUM_COLS, dtype=DTYPE, device=x.device)
+    rows = empty_rows(nbins, x.device)
     rows[:, COUNT] = counts
-    rows[:, MIN] = math.inf
-    rows[:, MAX] = -math.inf
     return rows
 
 

@@ -81,7 +81,8 @@ class FlushScheduler:
     def advance(self, step: int) -> None:
         """The run is at ``step``: flush what an earlier step made due, then mark new dues."""
         if self.current is not None and step > self.current:
-            self.flush([s for s in self.streams if s.pending is not None and s.pending < step])
+            # every pending label is <= current < step
+            self.flush([s for s in self.streams if s.pending is not None])
         if self.current is not None and step < self.current and not self._warned_backwards:
             self._warned_backwards = True
             warnings.warn(

@@ -62,7 +62,7 @@ class FiLMObserver(Observer):
                  hist_edges: Sequence[float] = DEFAULT_EDGES) -> None:
         super().__init__(session, event_interval=event_interval,
                          detailed_interval=detailed_interval)
-        self._edges = torch.tensor([float(e) for e in hist_edges], dtype=stats.DTYPE)
+        self._edges = [float(e) for e in hist_edges]
         self.components: list[str] = []
         self._names: dict[str, dict[str, tuple]] = {}
         self._half: dict[str, tuple[str, torch.Tensor]] = {}
@@ -78,8 +78,8 @@ class FiLMObserver(Observer):
                 "gamma": (f"{c}/gamma", f"{c}/gamma_norm"),
                 "beta": (f"{c}/beta", f"{c}/beta_norm"),
                 "strength": (f"{c}/modulation_strength",),
-                "gamma_hist": self.declare_histogram(f"{c}/gamma", self._edges.tolist()),
-                "beta_hist": self.declare_histogram(f"{c}/beta", self._edges.tolist()),
+                "gamma_hist": self.declare_histogram(f"{c}/gamma", self._edges),
+                "beta_hist": self.declare_histogram(f"{c}/beta", self._edges),
             }
             self.components.append(c)
 
@@ -97,7 +97,7 @@ class FiLMObserver(Observer):
         names = self._names[component]
         rows = torch.cat([stats.row_of_samples(value), stats.row_of_samples(value.norm(dim=1))])
         self.events.slots.update_rows(names[kind], rows)
-        self.add_to_histogram(names[f"{kind}_hist"], value, self._edges)
+        self.add_to_histogram(names[f"{kind}_hist"], value)
 
     def _pair(self, component: str, kind: str, value: torch.Tensor) -> None:
         other = self._half.pop(component, None)

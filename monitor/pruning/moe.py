@@ -65,7 +65,7 @@ class MoERouterObserver(Observer):
                          detailed_interval=detailed_interval)
         self.collapse_threshold = collapse_threshold
         self.collapse_patience = collapse_patience
-        self._edges = torch.tensor([float(x) for x in hist_edges], dtype=stats.DTYPE)
+        self._edges = [float(e) for e in hist_edges]
         self.set_experts(experts)
 
     def set_experts(self, experts: Sequence[str]) -> None:
@@ -75,7 +75,7 @@ class MoERouterObserver(Observer):
         self._names = tuple([f"{e}_weight" for e in experts]
                             + [f"{e}_dominant" for e in experts] + ["entropy"])
         self.declare(self._names)
-        self._hist = [self.declare_histogram(f"{e}_weight", self._edges.tolist())
+        self._hist = [self.declare_histogram(f"{e}_weight", self._edges)
                       for e in experts]
         self._above = dict.fromkeys(experts, 0)
         self._expert_index = torch.arange(len(experts))
@@ -99,7 +99,7 @@ class MoERouterObserver(Observer):
         table = torch.cat([w, dominant, entropy], dim=1).T
         self.events.slots.update_rows(self._names, stats.rows_of_samples(table))
         for e, names in enumerate(self._hist):
-            self.add_to_histogram(names, w[:, e], self._edges)
+            self.add_to_histogram(names, w[:, e])
 
     def check_alerts(self, step: int, metrics: dict[str, dict]) -> list[dict]:
         alerts = []

@@ -61,9 +61,10 @@ class PruningObserver(Observer):
                  hist_edges: Sequence[float] = DEFAULT_P_EDGES) -> None:
         super().__init__(session, event_interval=event_interval,
                          detailed_interval=detailed_interval)
-        self._edges = torch.tensor([float(e) for e in hist_edges], dtype=stats.DTYPE)
+        self._edges = [float(e) for e in hist_edges]
         self.components: list[str] = []
         self._names: dict[str, tuple] = {}
+        self._position: dict[str, int] = {}
         self._last_kept: dict[str, tuple[int, torch.Tensor]] = {}
         self._pass, self._last_index = 0, -1
         self.add_components(components)
@@ -76,8 +77,9 @@ class PruningObserver(Observer):
             events = tuple(f"{c}/{m}" for m in EVENT_METRICS)
             overlap = (f"{c}/overlap_prev",)
             self.declare(events, overlap)
-            hist = self.declare_histogram(f"{c}/p_keep", self._edges.tolist())
+            hist = self.declare_histogram(f"{c}/p_keep", self._edges)
             self._names[c] = (events[:4], events[4:6], events[6:], overlap, hist)
+            self._position[c] = len(self.components)
             self.components.append(c)
 
     def observe(self, component: str, keep_prob: torch.Tensor, kept: torch.Tensor,
@@ -112,11 +114,11 @@ class PruningObserver(Observer):
         if forced_keep_prob is not None and forced_keep_prob.numel():
             self.events.slots.update_rows(
                 forced, stats.row_of_samples(forced_keep_prob, forced_valid))
-        self.add_to_histogram(hist, p, self._edges)
+        self.add_to_histogram(hist, p)
         self._overlap(component, kept, overlap)
 
     def _overlap(self, component: str, kept: torch.Tensor, names: tuple) -> None:
-        index = self.components.index(component)
+        index = self._position[component]
         if index <= self._last_index:
             self._pass += 1  # a new forward started
         self._last_index = index
