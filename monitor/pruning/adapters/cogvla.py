@@ -48,7 +48,7 @@ from monitor.pruning.moe import MoERouterObserver
 from monitor.pruning.routing import PruningObserver
 from monitor.schedule import check_interval, check_step
 from monitor.session import MonitorSession
-from monitor.train import Monitor, StepHandle
+from monitor.train import Monitor, StepHandle, _Discard
 
 PARTS = ("train", "lfp", "film", "moe", "aggr")
 
@@ -276,11 +276,6 @@ class CogVLAMonitoring:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finalize("completed" if exc_type is None else "failed")
-
-
-class _Discard:
-    def _add(self, mode: str, values: dict) -> None:
-        pass
 
 
 __all__ = [
