@@ -19,6 +19,13 @@ detached tensors, return None and never raise into the model: an error inside on
 reported once as a warning, counted in meta, and that call's statistics are dropped. A
 forward that activation checkpointing re-runs inside the backward pass is not counted
 twice (hooks skip while a backward pass runs).
+
+Hooks are cheap because most of the arithmetic is batched: an observer *defers* what a
+hook gives it (:meth:`Observer.defer`: a copy or a reference, no kernel beyond that) and
+computes the statistics of every deferred call at once, stacked, in :meth:`Observer.drain`.
+A drain happens when a key comes back (the next forward pass), before this observer's rows
+are taken at a flush, and at finalize; so at most one forward pass is ever held, and a
+record holds exactly the calls made before its flush.
 """
 
 from __future__ import annotations
@@ -54,6 +61,21 @@ def _in_backward() -> bool:
     return _graph_task_id is not None and _graph_task_id() >= 0
 
 
+_JOINED_NAMES: dict[tuple, tuple[str, ...]] = {}
+
+
+def joined_names(groups: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
+    """The concatenation of name tuples, the same tuple object for the same groups (so
+    :meth:`StatSlots.update_rows` finds its cached index)."""
+    key = tuple(groups)
+    joined = _JOINED_NAMES.get(key)
+    if joined is None:
+        if len(_JOINED_NAMES) >= 4096:  # bounded: a run has a handful of combinations
+            _JOINED_NAMES.clear()
+        joined = _JOINED_NAMES[key] = tuple(n for names in groups for n in names)
+    return joined
+
+
 class _ObserverStream(Stream):
     def __init__(self, observer: Observer, kind: str, interval: int, interval_name: str) -> None:
         group = observer.part if kind == "events" else f"{observer.part}/{kind}"
@@ -62,6 +84,7 @@ class _ObserverStream(Stream):
         self.slots = StatSlots()
 
     def take_rows(self, device):
+        self.observer.drain()
         order = self.slots.names
         rows = self.slots.local_rows(order, device)
         self.slots.reset()
@@ -104,8 +127,9 @@ class Observer:
         self.summary_path = session.files.path(self._summary_name)
         self._sinks = {kind: session.files.jsonl(name) for kind, name in streams.items()}
         self._hists: dict[str, list[float]] = {}
-        self._hist_edges: dict[tuple[str, ...], torch.Tensor] = {}
+        self._bins: dict[tuple[str, ...], stats.Bins] = {}
         self._constants: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._deferred: dict[object, tuple[Callable, object]] = {}
         self._hooks: list = []
         self._hook_errors = 0
         self._warned_hook_error = False
@@ -126,19 +150,32 @@ class Observer:
 
     def declare_histogram(self, name: str, edges: Sequence[float]) -> tuple[str, ...]:
         """Declare a detailed histogram over fixed ``edges``; returns its slot names."""
-        edges = [float(e) for e in edges]
-        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
-            raise ValueError(f"histogram {name!r}: edges must be >= 2 increasing numbers")
-        self._hists[name] = edges
-        names = tuple(f"{name}{HIST_SEP}{i:02d}" for i in range(len(edges) + 2))
+        try:
+            bins = stats.Bins(edges)
+        except ValueError as exc:
+            raise ValueError(f"histogram {name!r}: {exc}") from None
+        self._hists[name] = bins.edges
+        names = tuple(f"{name}{HIST_SEP}{i:02d}" for i in range(bins.num_rows))
         self.detailed.slots.declare(names)
-        self._hist_edges[names] = torch.tensor(edges, dtype=stats.DTYPE)
+        self._bins[names] = bins
         return names
 
     def add_to_histogram(self, names: tuple[str, ...], values: torch.Tensor) -> None:
         """Count ``values`` into the histogram slots ``names`` (from :meth:`declare_histogram`)."""
-        rows = stats.rows_of_bins(values, self.on_device(self._hist_edges[names], values.device))
-        self.detailed.slots.update_rows(names, rows)
+        self.detailed.slots.update_rows(names, stats.rows_of_bins(values, self._bins[names]))
+
+    def add_to_histograms(self, names: Sequence[tuple[str, ...]], values: torch.Tensor) -> None:
+        """Count row ``i`` of the 2-d ``values`` into histogram ``names[i]``, all at once.
+
+        The histograms must share their edges (as one observer's histograms of one
+        metric do).
+        """
+        bins = self._bins[names[0]]
+        if any(self._bins[n] is not bins and self._bins[n].edges != bins.edges
+               for n in names[1:]):
+            raise ValueError("add_to_histograms: the histograms have different edges")
+        rows = stats.rows_of_bins_many(values, bins)
+        self.detailed.slots.update_rows(joined_names(names), rows)
 
     def on_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A cached copy of a constant host tensor (bin edges) on ``device``."""
@@ -169,6 +206,30 @@ class Observer:
             return None
 
         self._hooks.append(module.register_forward_hook(forward_hook, with_kwargs=True))
+
+    def defer(self, key: object, process: Callable[[list], None], item: object) -> None:
+        """Hold ``item`` until the next drain, where ``process`` gets every item deferred
+        with it (in call order) as one list. A key deferred again drains first, so a
+        drain never mixes two forward passes. ``item`` must not be changed in place by
+        the model afterwards: defer copies (or tensors the model never touches again)."""
+        if key in self._deferred:
+            self.drain()
+        self._deferred[key] = (process, item)
+
+    def drain(self) -> None:
+        """Compute the statistics of every deferred call (no host sync)."""
+        if not self._deferred:
+            return
+        deferred, self._deferred = self._deferred, {}
+        groups: dict[Callable, list] = {}
+        for process, item in deferred.values():
+            groups.setdefault(process, []).append(item)
+        for process, items in groups.items():
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    process(items)
+            except Exception as exc:  # noqa: BLE001 - monitoring must never kill training
+                self._on_hook_error(getattr(process, "__name__", "deferred statistics"), exc)
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:

@@ -18,6 +18,7 @@ the device of its input and never reads a value back to the host.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -90,23 +91,85 @@ def constant_rows(values: list[float], count: int) -> torch.Tensor:
     return rows
 
 
-def rows_of_bins(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+class Bins:
+    """Fixed histogram edges, ready for :func:`rows_of_bins` on any device.
+
+    Bin ``b`` of a value is the number of edges ``<= value`` (0: below the first edge,
+    ``len(edges)``: at or above the last), exactly as ``torch.bucketize(right=True)``
+    gives it. For evenly spaced edges the bin is computed arithmetically and then
+    corrected against the edges themselves (the estimate is never more than one bin
+    off), which gives the same bins several times faster than a binary search.
+    """
+
+    def __init__(self, edges) -> None:
+        values = [float(e) for e in edges]
+        if len(values) < 2 or any(b <= a for a, b in zip(values, values[1:])):
+            raise ValueError("edges must be >= 2 increasing numbers")
+        self.edges = values
+        width = (values[-1] - values[0]) / (len(values) - 1)
+        self.uniform = all(
+            math.isclose(b - a, width, rel_tol=1e-6) for a, b in zip(values, values[1:])
+        )
+        self._start, self._inv_width = values[0], 1.0 / width
+        self._host = torch.tensor([-math.inf, *values, math.inf], dtype=DTYPE)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def num_rows(self) -> int:
+        """Rows per histogram: below, ``len(edges) - 1`` bins, above, non-finite."""
+        return len(self.edges) + 2
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(edges, padded edges)`` on ``device``, copied there once."""
+        cached = self._on.get(device)
+        if cached is None:
+            padded = self._host.to(device)
+            cached = self._on[device] = (padded[1:-1], padded)
+        return cached
+
+    def index(self, x: torch.Tensor) -> torch.Tensor:
+        """The row of each element of ``x`` (float64): ``0 .. len(edges)`` for finite
+        values, ``len(edges) + 1`` for NaN/Inf."""
+        edges, padded = self.tensors(x.device)
+        n = len(self.edges)
+        finite = torch.isfinite(x)
+        if self.uniform:
+            safe = torch.where(finite, x, 0.0)
+            guess = ((safe - self._start) * self._inv_width).floor_().clamp_(-1, n - 1)
+            guess = guess.to(torch.long).add_(1)  # 0 .. n
+            low, high = padded[guess], padded[guess + 1]
+            idx = guess - (safe < low).to(torch.long) + (safe >= high).to(torch.long)
+        else:
+            idx = torch.bucketize(x.contiguous(), edges, right=True)
+        return torch.where(finite, idx, n + 1)
+
+
+def rows_of_bins(values: torch.Tensor, bins: Bins | Sequence[float]) -> torch.Tensor:
     """Count-only rows of a histogram of ``values``: shape ``(len(edges) + 2, 6)``.
 
     Row 0 counts values below ``edges[0]``, row ``i`` (1 <= i < len(edges)) those in
     ``[edges[i-1], edges[i])``, row ``len(edges)`` those at or above ``edges[-1]`` and the
     last row the non-finite values. Only COUNT is filled (each row is "COUNT samples, all
     0"), so bins add up across calls and ranks through the ordinary row reduction.
-    ``edges`` must be a float64 tensor on ``values``' device (cache it: a copy from the
-    host per call would wait for the device).
     """
-    x = values.detach().reshape(-1).to(DTYPE).contiguous()
-    nbins = edges.numel() + 2
-    idx = torch.bucketize(x, edges, right=True)
-    idx = torch.where(torch.isfinite(x), idx, nbins - 1)
-    counts = torch.zeros(nbins, dtype=DTYPE, device=x.device)
-    counts.scatter_add_(0, idx, torch.ones_like(x))  # not bincount: that syncs on CUDA
-    rows = empty_rows(nbins, x.device)
+    return rows_of_bins_many(values.reshape(1, -1), bins)
+
+
+def rows_of_bins_many(values: torch.Tensor, bins: Bins | Sequence[float]) -> torch.Tensor:
+    """One histogram per leading index of the 2-d ``values`` ``(k, n)``, over the same
+    edges, in one batch of kernels: shape ``(k * (len(edges) + 2), 6)``, histogram ``i``
+    in rows ``i * (len(edges) + 2)`` onwards (see :func:`rows_of_bins`)."""
+    if not isinstance(bins, Bins):
+        bins = Bins(bins)  # host edges given directly (tests, one-off use)
+    x = values.detach().to(DTYPE)
+    k, nbins = x.shape[0], bins.num_rows
+    idx = bins.index(x)
+    idx += torch.arange(k, device=x.device).unsqueeze(1) * nbins
+    counts = torch.zeros(k * nbins, dtype=DTYPE, device=x.device)
+    # not bincount: that syncs on CUDA
+    counts.scatter_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=DTYPE,
+                                                       device=x.device))
+    rows = empty_rows(k * nbins, x.device)
     rows[:, COUNT] = counts
     return rows
 

@@ -133,12 +133,13 @@ def test_lfp_adapter_selects_exactly_the_tokens_the_layer_keeps_even_on_ties(
     monkeypatch.setattr(torch, "topk", recording_topk)
     train(model, mon, 1, cfg, batch_size=3)
     monkeypatch.undo()
-    # per LFP layer: the adapter's call (in the router's hook), then the layer's own
+    # the 24 LFP layers' own calls in the forward, then the adapter's 24 (layer by layer)
+    # when the pass is drained at the flush
     assert len(calls) == 2 * 24
-    for ours, theirs in zip(calls[0::2], calls[1::2]):
+    for theirs, ours in zip(calls[:24], calls[24:]):
         assert torch.equal(ours, theirs)
     nv = cfg.num_vision_aggr * cfg.num_images_in_input
-    tied = calls[2 * 4]  # layer 12 is the 5th LFP layer
+    tied = calls[24 + 4]  # layer 12 is the 5th LFP layer
     visual_slice_pick = real_topk(torch.full((3, nv), 0.5), int(nv * layers[12].router_factor),
                                   dim=1).indices.sort(dim=1).values + 1
     kept_visual = tied[(tied >= 1) & (tied <= nv)].reshape(3, -1)

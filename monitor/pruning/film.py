@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from monitor import stats
-from monitor.observer import Observer
+from monitor.observer import Observer, joined_names
 from monitor.pruning.summary import by_group
 from monitor.session import MonitorSession
 
@@ -65,7 +65,6 @@ class FiLMObserver(Observer):
         self._edges = [float(e) for e in hist_edges]
         self.components: list[str] = []
         self._names: dict[str, dict[str, tuple]] = {}
-        self._half: dict[str, tuple[str, torch.Tensor]] = {}
         self.add_components(components)
 
     def add_components(self, components: Sequence[str]) -> None:
@@ -85,28 +84,53 @@ class FiLMObserver(Observer):
 
     def observe(self, component: str, gamma: torch.Tensor | None = None,
                 beta: torch.Tensor | None = None) -> None:
-        """Gamma and/or beta of one FiLM call, ``(B, width)`` (more leading dims allowed)."""
+        """Gamma and/or beta of one FiLM call, ``(B, width)`` (more leading dims allowed).
+
+        Deferred: computed with the other calls of the forward pass (see
+        :meth:`Observer.defer`); a gamma and a beta of one component in one pass are paired
+        for ``modulation_strength`` whichever comes first.
+
+        Raises:
+            KeyError: ``component`` was not declared.
+        """
+        if component not in self._names:
+            raise KeyError(f"component {component!r} was not declared; "
+                           f"declared: {self.components}")
         for kind, value in (("gamma", gamma), ("beta", beta)):
-            if value is None:
+            if value is None or value.numel() == 0:
                 continue
-            value = value.detach().to(stats.DTYPE).reshape(-1, value.shape[-1])
-            self._one(component, kind, value)
-            self._pair(component, kind, value)
+            value = value.detach().to(stats.DTYPE, copy=True).reshape(-1, value.shape[-1])
+            self.defer((component, kind), self._observe_deferred, (component, kind, value))
 
-    def _one(self, component: str, kind: str, value: torch.Tensor) -> None:
-        names = self._names[component]
-        rows = torch.cat([stats.row_of_samples(value), stats.row_of_samples(value.norm(dim=1))])
-        self.events.slots.update_rows(names[kind], rows)
-        self.add_to_histogram(names[f"{kind}_hist"], value)
+    def _observe_deferred(self, items: list[tuple]) -> None:
+        groups: dict[tuple, list[tuple]] = {}
+        for item in items:
+            groups.setdefault((item[2].shape, item[2].device), []).append(item)
+        for group in groups.values():
+            values = torch.stack([v for _, _, v in group])  # (n, B, width)
+            n = values.shape[0]
+            names = [self._names[c] for c, _, _ in group]
+            element = stats.rows_of_samples(values.reshape(n, -1))
+            norm = stats.rows_of_samples(values.norm(dim=2))
+            self.events.slots.update_rows(
+                joined_names([nm[kind] for nm, (_, kind, _) in zip(names, group)]),
+                torch.stack([element, norm], dim=1).reshape(-1, stats.NUM_COLS))
+            self.add_to_histograms([nm[f"{kind}_hist"] for nm, (_, kind, _) in zip(names, group)],
+                                   values.reshape(n, -1))
+            self._strength(group, values)
 
-    def _pair(self, component: str, kind: str, value: torch.Tensor) -> None:
-        other = self._half.pop(component, None)
-        if other is None or other[0] == kind or other[1].shape != value.shape:
-            self._half[component] = (kind, value)
+    def _strength(self, group: list[tuple], values: torch.Tensor) -> None:
+        """``modulation_strength`` of every component with both gamma and beta here."""
+        where = {(c, kind): i for i, (c, kind, _) in enumerate(group)}
+        pairs = [(where[(c, "gamma")], where[(c, "beta")], c) for c, kind, _ in group
+                 if kind == "gamma" and (c, "beta") in where]
+        if not pairs:
             return
-        sq = value.square().mean(dim=1) + other[1].square().mean(dim=1)
-        self.events.slots.update_rows(self._names[component]["strength"],
-                                      stats.row_of_samples(sq.sqrt()))
+        sq = values.square().mean(dim=2)  # (n, B)
+        strength = (sq[[g for g, _, _ in pairs]] + sq[[b for _, b, _ in pairs]]).sqrt()
+        self.events.slots.update_rows(
+            joined_names([self._names[c]["strength"] for _, _, c in pairs]),
+            stats.rows_of_samples(strength))
 
     def get_summary(self) -> dict:
         """Last compact record: overall ``gamma_norm``, ``beta_norm``,

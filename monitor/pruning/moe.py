@@ -98,8 +98,7 @@ class MoERouterObserver(Observer):
         entropy = -torch.special.xlogy(w, w).sum(dim=1, keepdim=True)
         table = torch.cat([w, dominant, entropy], dim=1).T
         self.events.slots.update_rows(self._names, stats.rows_of_samples(table))
-        for e, names in enumerate(self._hist):
-            self.add_to_histogram(names, w[:, e])
+        self.add_to_histograms(self._hist, w.T)
 
     def check_alerts(self, step: int, metrics: dict[str, dict]) -> list[dict]:
         alerts = []

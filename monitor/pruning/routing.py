@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from monitor import stats
-from monitor.observer import Observer
+from monitor.observer import Observer, joined_names
 from monitor.pruning.summary import empty_value, pick
 from monitor.session import MonitorSession
 
@@ -65,8 +65,6 @@ class PruningObserver(Observer):
         self.components: list[str] = []
         self._names: dict[str, tuple] = {}
         self._position: dict[str, int] = {}
-        self._last_kept: dict[str, tuple[int, torch.Tensor]] = {}
-        self._pass, self._last_index = 0, -1
         self.add_components(components)
 
     def add_components(self, components: Sequence[str]) -> None:
@@ -85,7 +83,7 @@ class PruningObserver(Observer):
     def observe(self, component: str, keep_prob: torch.Tensor, kept: torch.Tensor,
                 forced_keep_prob: torch.Tensor | None = None,
                 forced_valid: torch.Tensor | None = None) -> None:
-        """One routing call.
+        """One routing call (deferred: computed with the other calls of its forward pass).
 
         Args:
             component: a declared component.
@@ -93,45 +91,96 @@ class PruningObserver(Observer):
             kept: ``(B, N)`` bool, the candidates the layer kept.
             forced_keep_prob: ``(B, M)`` keep probabilities of the force-kept tokens.
             forced_valid: ``(B, M)`` bool, which of those count (e.g. not padding).
+
+        Raises:
+            KeyError: ``component`` was not declared.
+            ValueError: the shapes do not fit together.
         """
-        per_sample, per_token, forced, overlap, hist = self._names[component]
-        p = keep_prob.detach().to(stats.DTYPE)
-        num = p.shape[1]
+        if component not in self._names:
+            raise KeyError(f"component {component!r} was not declared; "
+                           f"declared: {self.components}")
+        if keep_prob.dim() != 2 or kept.shape != keep_prob.shape:
+            raise ValueError(f"keep_prob and kept must both be (B, N), got "
+                             f"{tuple(keep_prob.shape)} and {tuple(kept.shape)}")
+        if keep_prob.shape[1] == 0:
+            return
+        forced = valid = None
+        if forced_keep_prob is not None and forced_keep_prob.numel():
+            forced = forced_keep_prob.detach().to(stats.DTYPE, copy=True)
+            if forced_valid is not None:
+                if forced_valid.shape != forced.shape:
+                    raise ValueError(f"forced_valid {tuple(forced_valid.shape)} must have "
+                                     f"the shape of forced_keep_prob {tuple(forced.shape)}")
+                valid = forced_valid.detach().to(torch.bool, copy=True)
+        item = (component, keep_prob.detach().to(stats.DTYPE, copy=True),
+                kept.detach().to(torch.bool, copy=True), forced, valid)
+        self.defer(component, self._observe_deferred, item)
+
+    def _observe_deferred(self, items: list[tuple]) -> None:
+        groups: dict[tuple, list[tuple]] = {}
+        for item in items:
+            _, p, _, forced, valid = item
+            key = (p.shape, p.device, None if forced is None else forced.shape, valid is None)
+            groups.setdefault(key, []).append(item)
+        for group in groups.values():
+            forced = [it[3] for it in group]
+            valid = [it[4] for it in group]
+            self.observe_many(
+                [it[0] for it in group], torch.stack([it[1] for it in group]),
+                torch.stack([it[2] for it in group]),
+                None if forced[0] is None else torch.stack(forced),
+                None if valid[0] is None else torch.stack(valid))
+
+    def observe_many(self, components: Sequence[str], keep_prob: torch.Tensor,
+                     kept: torch.Tensor, forced_keep_prob: torch.Tensor | None = None,
+                     forced_valid: torch.Tensor | None = None) -> None:
+        """The routing calls of several components of one forward pass, stacked (``L``
+        components, in forward order): ``(L, B, N)`` / ``(L, B, M)`` tensors as in
+        :meth:`observe`. Every statistic of every component in one batch of kernels."""
+        num_comp, _, num = keep_prob.shape
         if num == 0:
             return
-        kept = kept.detach().to(torch.bool, copy=True)  # kept for the next layer's overlap
-        n_kept = kept.sum(dim=1, dtype=stats.DTYPE)
-        lowest_kept = torch.where(kept, p, math.inf).amin(dim=1)
-        highest_dropped = torch.where(kept, -math.inf, p).amax(dim=1)
-        margin = lowest_kept - highest_dropped
-        sample_rows = torch.stack([torch.full_like(n_kept, num), n_kept, n_kept / num, margin])
-        valid = torch.ones_like(sample_rows, dtype=torch.bool)
-        valid[3] = (n_kept > 0) & (n_kept < num)
+        p = keep_prob.detach().to(stats.DTYPE)
+        kept = kept.detach().to(torch.bool)
+        n_kept = kept.sum(dim=2, dtype=stats.DTYPE)  # (L, B)
+        lowest_kept = torch.where(kept, p, math.inf).amin(dim=2)
+        highest_dropped = torch.where(kept, -math.inf, p).amax(dim=2)
+        sample = torch.stack([torch.full_like(n_kept, num), n_kept, n_kept / num,
+                              lowest_kept - highest_dropped], dim=1)  # (L, 4, B)
+        valid = torch.ones_like(sample, dtype=torch.bool)
+        valid[:, 3] = (n_kept > 0) & (n_kept < num)  # margin: both kept and dropped
         entropy = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)) / math.log(2)
-        token_rows = torch.stack([p.reshape(-1), entropy.reshape(-1)])
-        self.events.slots.update_rows(per_sample, stats.rows_of_samples(sample_rows, valid))
-        self.events.slots.update_rows(per_token, stats.rows_of_samples(token_rows))
+        token = torch.stack([p.reshape(num_comp, -1), entropy.reshape(num_comp, -1)], dim=1)
+        rows = [stats.rows_of_samples(sample.reshape(num_comp * 4, -1),
+                                      valid.reshape(num_comp * 4, -1)).reshape(num_comp, 4, -1),
+                stats.rows_of_samples(token.reshape(num_comp * 2, -1)).reshape(num_comp, 2, -1)]
+        names = [self._names[c] for c in components]
+        groups = [n[0] + n[1] for n in names]
         if forced_keep_prob is not None and forced_keep_prob.numel():
-            self.events.slots.update_rows(
-                forced, stats.row_of_samples(forced_keep_prob, forced_valid))
-        self.add_to_histogram(hist, p)
-        self._overlap(component, kept, overlap)
+            fvalid = None if forced_valid is None else forced_valid.reshape(num_comp, -1)
+            rows.append(stats.rows_of_samples(forced_keep_prob.reshape(num_comp, -1),
+                                              fvalid).unsqueeze(1))
+            groups = [g + n[2] for g, n in zip(groups, names)]
+        self.events.slots.update_rows(
+            joined_names(groups), torch.cat(rows, dim=1).reshape(-1, stats.NUM_COLS))
+        self.add_to_histograms([n[4] for n in names], p.reshape(num_comp, -1))
+        self._overlap(components, kept, names)
 
-    def _overlap(self, component: str, kept: torch.Tensor, names: tuple) -> None:
-        index = self._position[component]
-        if index <= self._last_index:
-            self._pass += 1  # a new forward started
-        self._last_index = index
-        self._last_kept[component] = (self._pass, kept)
-        if index == 0:
+    def _overlap(self, components: Sequence[str], kept: torch.Tensor, names: list) -> None:
+        """Jaccard overlap of each component's kept set with the previous component's
+        (the one declared just before it), when both are in this forward pass."""
+        where = {self._position[c]: i for i, c in enumerate(components)}
+        pairs = [(i, where[self._position[c] - 1]) for i, c in enumerate(components)
+                 if self._position[c] - 1 in where]
+        if not pairs:
             return
-        prev = self._last_kept.get(self.components[index - 1])
-        if prev is None or prev[0] != self._pass or prev[1].shape != kept.shape:
-            return
-        inter = (kept & prev[1]).sum(dim=1, dtype=stats.DTYPE)
-        union = (kept | prev[1]).sum(dim=1, dtype=stats.DTYPE)
-        jaccard = inter / union.clamp(min=1)
-        self.detailed.slots.update_rows(names, stats.row_of_samples(jaccard, union > 0))
+        cur = kept[[i for i, _ in pairs]]
+        prev = kept[[j for _, j in pairs]]
+        inter = (cur & prev).sum(dim=2, dtype=stats.DTYPE)
+        union = (cur | prev).sum(dim=2, dtype=stats.DTYPE)
+        self.detailed.slots.update_rows(
+            joined_names([names[i][3] for i, _ in pairs]),
+            stats.rows_of_samples(inter / union.clamp(min=1), union > 0))
 
     def get_summary(self) -> dict:
         """The last compact record, shaped as the public CogVLA script reads it.

@@ -144,15 +144,8 @@ def lfp_selection(router_logits: torch.Tensor, num_visual: int, router_factor: f
     Returns:
         ``(p_keep (B, S), kept (B, S) bool)``.
     """
-    p_keep = F.softmax(router_logits, dim=-1)[:, :, 1]
-    force = torch.zeros(p_keep.shape, device=p_keep.device)
-    force[:, 0] = force[:, 1 + num_visual:] = torch.inf
-    seq_len = p_keep.shape[1]
-    visual_kept = int(num_visual * router_factor)
-    kept_length = seq_len - (num_visual - visual_kept)
-    _, index = torch.topk(p_keep + force, kept_length, dim=1, sorted=True)
-    kept = torch.zeros(p_keep.shape, dtype=torch.bool, device=p_keep.device)
-    return p_keep, kept.scatter_(1, index, True)
+    p_keep, kept = lfp_selection_many(router_logits.unsqueeze(0), num_visual, router_factor)
+    return p_keep[0], kept[0]
 
 
 def padding_of(attention_mask: object, batch: int, seq_len: int) -> torch.Tensor | None:
@@ -213,14 +206,53 @@ class CogVLALfpAdapter:
             if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] < 2:
                 return
             nv = _num_visual(layer, args, kwargs)
-            p_keep, kept = lfp_selection(logits, nv, float(layer.router_factor))
             mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-            pad = padding_of(mask, p_keep.shape[0], p_keep.shape[1])
-            forced = torch.cat([p_keep[:, :1], p_keep[:, 1 + nv:]], dim=1)
-            valid = None if pad is None else ~torch.cat([pad[:, :1], pad[:, 1 + nv:]], dim=1)
-            observer.observe(component, p_keep[:, 1:1 + nv], kept[:, 1:1 + nv], forced, valid)
+            # the layer only reads these (never in place): held until the pass is drained
+            item = (component, logits.detach(), nv, float(layer.router_factor),
+                    mask if isinstance(mask, torch.Tensor) else None)
+            observer.defer(("router", component), self._routing_pass, item)
 
         return on_router
+
+    def _routing_pass(self, items: list[tuple]) -> None:
+        """Every router call of one forward pass: the softmax and the observer's
+        statistics batched over layers; the top-k per layer, as each layer calls it."""
+        groups: dict[tuple, list[tuple]] = {}
+        for item in items:
+            _, logits, nv, factor, mask = item
+            groups.setdefault((logits.shape, logits.dtype, logits.device, nv, factor,
+                               id(mask)), []).append(item)
+        for group in groups.values():
+            _, logits, nv, factor, mask = group[0]
+            p_keep, kept = lfp_selection_many(torch.stack([it[1] for it in group]), nv, factor)
+            pad = padding_of(mask, p_keep.shape[1], p_keep.shape[2])
+            forced = torch.cat([p_keep[:, :, :1], p_keep[:, :, 1 + nv:]], dim=2)
+            valid = None
+            if pad is not None:
+                valid = ~torch.cat([pad[:, :1], pad[:, 1 + nv:]], dim=1)
+                valid = valid.unsqueeze(0).expand(forced.shape)
+            self.observer.observe_many([it[0] for it in group], p_keep[:, :, 1:1 + nv],
+                                       kept[:, :, 1:1 + nv], forced, valid)
+
+
+def lfp_selection_many(router_logits: torch.Tensor, num_visual: int, router_factor: float):
+    """:func:`lfp_selection` of ``L`` router calls stacked ``(L, B, S, 2)``: the softmax
+    in one kernel (elementwise per row, so the same values), the top-k of each call alone
+    (the very call the layer makes, so the same tokens, ties included).
+
+    Returns:
+        ``(p_keep (L, B, S), kept (L, B, S) bool)``.
+    """
+    p_keep = F.softmax(router_logits, dim=-1)[..., 1]
+    force = torch.zeros(p_keep.shape[1:], device=p_keep.device)
+    force[:, 0] = force[:, 1 + num_visual:] = torch.inf
+    seq_len = p_keep.shape[2]
+    kept_length = seq_len - (num_visual - int(num_visual * router_factor))
+    kept = torch.zeros(p_keep.shape, dtype=torch.bool, device=p_keep.device)
+    for one, kept_one in zip(p_keep, kept):
+        _, index = torch.topk(one + force, kept_length, dim=1, sorted=True)
+        kept_one.scatter_(1, index, True)
+    return p_keep, kept
 
 
 def _num_visual(layer: torch.nn.Module, args: tuple, kwargs: dict) -> int:
@@ -385,4 +417,4 @@ def _num_patches(vit: torch.nn.Module) -> int | None:
 
 
 __all__ = ["CogVLAAggregationAdapter", "CogVLAFiLMAdapter", "CogVLALfpAdapter",
-           "CogVLAMoEAdapter", "find_encoders", "lfp_selection"]
+           "CogVLAMoEAdapter", "find_encoders", "lfp_selection", "lfp_selection_many"]
