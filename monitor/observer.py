@@ -216,6 +216,22 @@ class Observer:
             self.drain()
         self._deferred[key] = (process, item)
 
+    @staticmethod
+    def version(tensor: torch.Tensor) -> int | None:
+        """``tensor``'s in-place version counter, for :meth:`unchanged` (None for an
+        inference tensor, which has none)."""
+        return None if tensor.is_inference() else tensor._version
+
+    def unchanged(self, items: list[tuple]) -> list[tuple]:
+        """The deferred ``items`` (tuples ending in ``(..., tensor, tensor._version)``) whose
+        tensor was not modified in place since it was deferred; the others are dropped
+        with one warning (their values are no longer the ones the model used)."""
+        kept = [it for it in items if it[-1] is None or it[-2]._version == it[-1]]
+        if len(kept) < len(items):
+            self._on_hook_error("deferred statistics", RuntimeError(
+                "a tensor was modified in place after its hook ran"))
+        return kept
+
     def drain(self) -> None:
         """Compute the statistics of every deferred call (no host sync)."""
         if not self._deferred:

@@ -986,3 +986,65 @@ def test_a_forward_recomputed_by_activation_checkpointing_is_not_counted_twice(t
     moe.finalize()
     rec = read_jsonl(moe.jsonl_path)[0]
     assert rec["metrics"]["a_weight"]["count"] == 8  # two forwards of 4 samples
+
+
+# -- batched statistics (issue 4): same answers as one call at a time ----------------------
+
+@pytest.mark.parametrize("edges", [
+    [k / 20 for k in range(-20, 21)],  # evenly spaced: the arithmetic path
+    [k / 7 for k in range(8)],
+    [-3.0, -0.5, 0.0, 0.1, 2.0],  # uneven: bucketize
+])
+def test_bins_put_every_value_where_bucketize_does_edges_included(edges):
+    from monitor import stats
+
+    e = torch.tensor(edges, dtype=torch.float64)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.concatenate([
+        rng.uniform(edges[0] - 1, edges[-1] + 1, 5000), edges,
+        np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf),
+        [np.nan, np.inf, -np.inf, 1e308, -1e308]]))
+    bins = stats.Bins(edges)
+    expected = torch.where(torch.isfinite(x), torch.bucketize(x, e, right=True), len(edges) + 1)
+    assert bins.uniform == (len(edges) != 5)
+    assert torch.equal(bins.index(x), expected)
+    rows = stats.rows_of_bins_many(torch.stack([x, x.flip(0)]), bins)
+    counts = torch.bincount(expected, minlength=len(edges) + 2).to(torch.float64)
+    assert torch.equal(rows[:, stats.COUNT], torch.cat([counts, counts]))
+
+
+def test_a_tensor_changed_in_place_after_its_hook_is_dropped_with_one_warning(tmp_path):
+    obs = FiLMObserver(new_session(tmp_path), ["c"], event_interval=1)
+    gamma = torch.ones(2, 4)
+    obs.observe("c", gamma=gamma)
+    gamma.add_(1.0)  # the model changed it before the statistics were computed
+    obs.log_step(0)
+    with pytest.warns(RuntimeWarning, match="modified in place"):
+        obs.finalize()
+    assert obs.last_metrics.get("c/gamma", {"count": 0})["count"] == 0
+    assert json.loads(obs.summary_path.read_text())["hook_errors"] == 1
+
+
+def test_pruning_calls_of_one_pass_batched_equal_the_calls_made_one_by_one(tmp_path):
+    rng = np.random.default_rng(3)
+    comps = [f"layer_{i:02d}" for i in range(4)]
+    inputs = [pruning_inputs(rng, 3, 10, 2) for _ in comps]
+    results = []
+    for name, one_by_one in (("batched", False), ("single", True)):
+        obs = PruningObserver(new_session(tmp_path, name), comps, event_interval=1,
+                              detailed_interval=1)
+        obs.log_step(0)
+        for c, (p, kept, forced) in zip(comps, inputs):
+            obs.observe(c, torch.from_numpy(p), torch.from_numpy(kept), torch.from_numpy(forced))
+            if one_by_one:
+                obs.drain()  # statistics of this call alone (overlap then needs the pass)
+        obs.finalize()
+        results.append([plain_records(obs.jsonl_path), plain_records(obs.detailed_path)])
+    (batched, batched_detailed), (single, single_detailed) = results
+    assert batched[0]["metrics"] == single[0]["metrics"]
+    assert batched_detailed[0]["histograms"] == single_detailed[0]["histograms"]
+    overlap = {k: v for k, v in batched_detailed[0]["metrics"].items() if "overlap" in k}
+    both = inputs[3][1].any(axis=1) | inputs[2][1].any(axis=1)  # union > 0
+    expected = jaccard(inputs[3][1][both], inputs[2][1][both])
+    assert overlap["layer_03/overlap_prev"]["count"] == len(expected)
+    assert overlap["layer_03/overlap_prev"]["mean"] == pytest.approx(expected.mean())

@@ -99,15 +99,16 @@ class FiLMObserver(Observer):
         for kind, value in (("gamma", gamma), ("beta", beta)):
             if value is None or value.numel() == 0:
                 continue
-            value = value.detach().to(stats.DTYPE, copy=True).reshape(-1, value.shape[-1])
-            self.defer((component, kind), self._observe_deferred, (component, kind, value))
+            value = value.detach().reshape(-1, value.shape[-1])
+            self.defer((component, kind), self._observe_deferred, (component, kind, value,
+                                                                   self.version(value)))
 
     def _observe_deferred(self, items: list[tuple]) -> None:
         groups: dict[tuple, list[tuple]] = {}
-        for item in items:
-            groups.setdefault((item[2].shape, item[2].device), []).append(item)
+        for component, kind, value, version in self.unchanged(items):
+            groups.setdefault((value.shape, value.device), []).append((component, kind, value))
         for group in groups.values():
-            values = torch.stack([v for _, _, v in group])  # (n, B, width)
+            values = torch.stack([v for _, _, v in group]).to(stats.DTYPE)  # (n, B, width)
             n = values.shape[0]
             names = [self._names[c] for c, _, _ in group]
             element = stats.rows_of_samples(values.reshape(n, -1))

@@ -208,8 +208,9 @@ class CogVLALfpAdapter:
             nv = _num_visual(layer, args, kwargs)
             mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
             # the layer only reads these (never in place): held until the pass is drained
-            item = (component, logits.detach(), nv, float(layer.router_factor),
-                    mask if isinstance(mask, torch.Tensor) else None)
+            logits = logits.detach()
+            item = (component, nv, float(layer.router_factor),
+                    mask if isinstance(mask, torch.Tensor) else None, logits, observer.version(logits))
             observer.defer(("router", component), self._routing_pass, item)
 
         return on_router
@@ -218,13 +219,13 @@ class CogVLALfpAdapter:
         """Every router call of one forward pass: the softmax and the observer's
         statistics batched over layers; the top-k per layer, as each layer calls it."""
         groups: dict[tuple, list[tuple]] = {}
-        for item in items:
-            _, logits, nv, factor, mask = item
+        for item in self.observer.unchanged(items):
+            _, nv, factor, mask, logits, _ = item
             groups.setdefault((logits.shape, logits.dtype, logits.device, nv, factor,
                                id(mask)), []).append(item)
         for group in groups.values():
-            _, logits, nv, factor, mask = group[0]
-            p_keep, kept = lfp_selection_many(torch.stack([it[1] for it in group]), nv, factor)
+            _, nv, factor, mask, _, _ = group[0]
+            p_keep, kept = lfp_selection_many(torch.stack([it[4] for it in group]), nv, factor)
             pad = padding_of(mask, p_keep.shape[1], p_keep.shape[2])
             forced = torch.cat([p_keep[:, :, :1], p_keep[:, :, 1 + nv:]], dim=2)
             valid = None
