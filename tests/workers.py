@@ -11,35 +11,7 @@ import torch
 import torch.distributed as dist
 
 from monitor import Monitor, RankMismatchError
-
-COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
-    "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "barrier",
-    "gather", "scatter", "all_to_all", "all_to_all_single", "send", "recv",
-)
-
-
-def count_collectives() -> dict:
-    """Wrap every torch.distributed collective with a counter; returns the live counter.
-
-    ``counter["restore"]()`` puts the originals back (for use inside a test process).
-    """
-    counter = {"n": 0, "calls": []}
-    originals = {}
-    for name in COLLECTIVES:
-        original = getattr(dist, name, None)
-        if original is None:
-            continue
-        originals[name] = original
-
-        def wrapped(*args, _original=original, _name=name, **kwargs):
-            counter["n"] += 1
-            counter["calls"].append(_name)
-            return _original(*args, **kwargs)
-
-        setattr(dist, name, wrapped)
-    counter["restore"] = lambda: [setattr(dist, n, f) for n, f in originals.items()]
-    return counter
+from monitor.testing.probes import COLLECTIVES, count_collectives  # noqa: F401
 
 
 def as_kind(value, kind: str):

@@ -209,8 +209,9 @@ class CogVLALfpAdapter:
             mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
             # the layer only reads these (never in place): held until the pass is drained
             logits = logits.detach()
-            item = (component, nv, float(layer.router_factor),
-                    mask if isinstance(mask, torch.Tensor) else None, logits, observer.version(logits))
+            mask = mask if isinstance(mask, torch.Tensor) else None
+            item = (component, nv, float(layer.router_factor), mask, logits,
+                    observer.version(logits))
             observer.defer(("router", component), self._routing_pass, item)
 
         return on_router
