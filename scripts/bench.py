@@ -1,0 +1,538 @@
+"""What the monitor costs: flush, training overhead, host syncs, memory (one table, one JSON).
+
+    .venv/bin/python scripts/bench.py                 # every section, a few minutes on 2 cores
+    .venv/bin/python scripts/bench.py --quick         # a smoke run (seconds): small counts
+    .venv/bin/python scripts/bench.py --sections flush overhead
+
+Sections (each writes its part of ``bench-results.json``; ``--out`` to change the path):
+
+flush     K = 10 .. 10,000 scalar metrics on 2 and 3 gloo ranks (same process group, same
+          values): time per flush and collectives per flush for ``monitor`` (one log
+          interval per step), for a per-key ``all_reduce`` loop (what Lightning's
+          ``sync_dist`` does per logged key) and for torchmetrics ``MeanMetric`` objects
+          synced per key (skipped when torchmetrics is not installed). Medians; ratios.
+overhead  The CogVLA stand-in at the real hook shapes that it can reach on a CPU (batch 16,
+          2 images, K = 64 aggregation tokens per image: 128 visual tokens into the 24 LFP
+          routers, 256 patches per image), trained with the facade fully on (every part,
+          default intervals) and without it, steps alternated in one process (two copies
+          of the same model): median and mean step-time ratio, and the time spent in the
+          monitor's hooks and batched statistics per step. Then the same hook code fed the
+          real model's widths (router input 4096, FiLM widths 1024/1152), where the stand-in
+          cannot run them: hook milliseconds per step at real widths.
+syncs     Calls that hand a tensor to the host (``.item()``, ``.cpu()``, ``.tolist()``,
+          ``.numpy()``, ``__float__``, ``__bool__``, ``__int__``, ``__index__``) made by monitor
+          code during training steps between flushes (must be 0), and at a flush.
+memory    The monitor driven for 10,000 steps (hooks fed real-shaped tensors, flushes at
+          the default intervals, records written): process RSS and Python allocations
+          (tracemalloc) after 1,000 and after 10,000 steps.
+
+Wall-clock numbers depend on the machine (and on what else runs on it): compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- flush cost ------------------------------------------------------------------------------
+
+def _flush_rank(rank: int, world: int, store_path: str, run_dir: str, ks: list[int],
+                reps: dict, out) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
+                            world_size=world, timeout=timedelta(seconds=300))
+    from monitor import Monitor
+    from monitor.testing.probes import count_collectives
+
+    try:
+        import torchmetrics
+    except ImportError:
+        torchmetrics = None
+    counter = count_collectives()
+    rows = []
+    for k in ks:
+        n, n_slow = reps[str(k)]
+        values = {f"m{i:05d}": torch.tensor(float(rank + i)) for i in range(k)}
+        row = {"K": k, "ranks": world, "flushes": n, "baseline_flushes": n_slow}
+        mon = Monitor(run_dir=run_dir, run_id=f"k{k}-w{world}", log_interval=1,
+                      participation="all")
+        times, before = [], counter["n"]
+        for step in range(n + 1):  # the first flush decides participation: not timed
+            with mon.step(step) as h:
+                h.log(extra=values)
+                t0 = time.perf_counter()  # the context's exit is the flush
+            if step:
+                times.append(time.perf_counter() - t0)
+        row["monitor_ms"] = statistics.median(times) * 1e3
+        row["monitor_collectives"] = (counter["n"] - before) / (n + 1)
+        mon.finalize()
+        dist.barrier()
+        times, before = [], counter["n"]
+        for _ in range(n_slow):
+            t0 = time.perf_counter()
+            for v in values.values():  # sync_dist: one all_reduce per key, then the mean
+                reduced = v.clone()
+                dist.all_reduce(reduced)
+                reduced /= world
+            times.append(time.perf_counter() - t0)
+        row["per_key_ms"] = statistics.median(times) * 1e3
+        row["per_key_collectives"] = (counter["n"] - before) / n_slow
+        if torchmetrics is not None:
+            metrics = {name: torchmetrics.MeanMetric() for name in values}
+            times, before = [], counter["n"]
+            n_tm = max(1, n_slow // 3)
+            for _ in range(n_tm):
+                for name, v in values.items():
+                    metrics[name].update(v)
+                t0 = time.perf_counter()
+                for m in metrics.values():  # compute() syncs each metric's states
+                    m.compute()
+                    m.reset()
+                times.append(time.perf_counter() - t0)
+            row["torchmetrics_ms"] = statistics.median(times) * 1e3
+            row["torchmetrics_collectives"] = (counter["n"] - before) / n_tm
+        dist.barrier()
+        rows.append(row)
+    counter["restore"]()
+    if rank == 0:
+        out.put(rows)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def bench_flush(ranks: list[int], ks: list[int], quick: bool) -> list[dict]:
+    # (monitor flushes, per-key loop flushes); torchmetrics gets a third of the latter
+    reps = {str(k): (3, 3) if quick else (15, 3) if k >= 10_000 else (15, 9) for k in ks}
+    results = []
+    ctx = mp.get_context("spawn")
+    for world in ranks:
+        out = ctx.Queue()
+        with tempfile.TemporaryDirectory() as tmp:
+            procs = [ctx.Process(target=_flush_rank,
+                                 args=(r, world, os.path.join(tmp, "store"),
+                                       os.path.join(tmp, "run"), ks, reps, out))
+                     for r in range(world)]
+            for proc in procs:
+                proc.start()
+            try:
+                rows = out.get(timeout=1800)
+            finally:
+                for proc in procs:
+                    proc.join(60)
+                    if proc.is_alive():
+                        proc.kill()
+        for row in rows:
+            row["per_key_over_monitor"] = row["per_key_ms"] / row["monitor_ms"]
+            if "torchmetrics_ms" in row:
+                row["torchmetrics_over_monitor"] = row["torchmetrics_ms"] / row["monitor_ms"]
+        results.extend(rows)
+        print_flush(rows)
+    return results
+
+
+def print_flush(rows: list[dict]) -> None:
+    print(f"\nflush: {rows[0]['ranks']} gloo ranks, median ms per flush (collectives per flush)")
+    print(f"{'K':>6} {'monitor':>16} {'per-key loop':>18} {'ratio':>7} "
+          f"{'torchmetrics':>18} {'ratio':>7}")
+    for r in rows:
+        tm = (f"{r['torchmetrics_ms']:>10.2f} ({r['torchmetrics_collectives']:>5.0f}) "
+              f"{r['torchmetrics_over_monitor']:>6.1f}x" if "torchmetrics_ms" in r
+              else f"{'(not installed)':>18} {'':>7}")
+        print(f"{r['K']:>6} {r['monitor_ms']:>9.2f} ({r['monitor_collectives']:>4.0f}) "
+              f"{r['per_key_ms']:>10.2f} ({r['per_key_collectives']:>5.0f}) "
+              f"{r['per_key_over_monitor']:>6.1f}x {tm}")
+
+
+# -- training overhead -----------------------------------------------------------------------
+
+def bench_config():
+    from monitor.testing import TinyCogVLAConfig
+
+    # real: batch 16, 2 images, K = 64 aggregation tokens per image and encoder (128 visual
+    # tokens into the LLM), 224 px / 14 = 16 x 16 patches; widths stay toy-sized (CPU)
+    return TinyCogVLAConfig(num_vision_aggr=64, num_images_in_input=2, image_size=32)
+
+
+class HookTimer:
+    """Seconds spent in every observer hook and batched-statistics drain (wall clock)."""
+
+    def __init__(self) -> None:
+        from monitor import observer
+
+        self.seconds = 0.0
+        self._depth = 0  # a drain can run inside a hook: count the outermost call only
+        self._observer = observer
+        self._hook, self._drain = observer.Observer.hook, observer.Observer.drain
+        timer = self
+
+        def hook(obs, module, fn, *, name):
+            def timed(*args, **kwargs):
+                return timer.timed(fn, *args, **kwargs)
+
+            return timer._hook(obs, module, timed, name=name)
+
+        def drain(obs):
+            return timer.timed(timer._drain, obs)
+
+        observer.Observer.hook, observer.Observer.drain = hook, drain
+
+    def timed(self, fn, *args, **kwargs):
+        self._depth += 1
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self.seconds += time.perf_counter() - t0
+
+    def restore(self) -> None:
+        self._observer.Observer.hook, self._observer.Observer.drain = self._hook, self._drain
+
+
+def _train_step(model, opt, batch, mon, step):
+    if mon is not None:
+        mon.log_step(step)
+    out = model(**batch)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if mon is not None:
+        with mon.step(step, mode="train") as h:
+            h.log(loss=out.loss.detach(), lr=opt.param_groups[0]["lr"])
+    return out
+
+
+def bench_overhead(steps: int, batch_size: int, threads: int) -> dict:
+    from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
+    from monitor.testing import build_tiny_cogvla, synthetic_batch
+
+    torch.set_num_threads(threads)
+    cfg = bench_config()
+    models = [build_tiny_cogvla(cfg, seed=0) for _ in range(2)]  # [monitored, bare]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models]
+    batch = synthetic_batch(cfg, batch_size=batch_size,
+                            generator=torch.Generator().manual_seed(0))
+    timer = HookTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        mon = CogVLAMonitoring(run_dir=f"{tmp}/run", run_id="bench", config_name="bench",
+                               cfg=CogVLAMonitoringConfig(participation="local"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # film_sample_layers 26 > DINO's 24 blocks
+            hooks = mon.attach(models[0])
+        warmup = 2
+        times: dict[str, list[float]] = {"on": [], "off": []}
+        hook_ms = []
+        for i in range(warmup + steps):
+            order = ("on", "off") if i % 2 == 0 else ("off", "on")  # no position bias
+            for which in order:
+                gc.collect()
+                before = timer.seconds
+                t0 = time.perf_counter()
+                if which == "on":
+                    _train_step(models[0], opts[0], batch, mon, i)
+                else:
+                    _train_step(models[1], opts[1], batch, None, i)
+                elapsed = time.perf_counter() - t0
+                if i >= warmup:
+                    times[which].append(elapsed)
+                    if which == "on":
+                        hook_ms.append((timer.seconds - before) * 1e3)
+        mon.finalize()
+    timer.restore()
+    on, off = times["on"], times["off"]
+    result = {
+        "config": {"batch_size": batch_size, "images": cfg.num_images_in_input,
+                   "visual_tokens": cfg.num_visual_tokens,
+                   "patches_per_image": (cfg.image_size // cfg.patch_size) ** 2,
+                   "lfp_layers": 24, "threads": threads,
+                   "widths": {"llm": cfg.hidden_size, "dino": cfg.dino_width,
+                              "siglip": cfg.siglip_width}},
+        "hooks": hooks, "steps_each": steps,
+        "median_on_s": statistics.median(on), "median_off_s": statistics.median(off),
+        "median_ratio": statistics.median(on) / statistics.median(off),
+        "mean_ratio": statistics.mean(on) / statistics.mean(off),
+        "hook_ms_per_step_median": statistics.median(hook_ms),
+        "hook_ms_per_step_mean": statistics.mean(hook_ms),
+    }
+    result["real_widths"] = bench_real_width_hooks(threads, batch_size)
+    print_overhead(result)
+    return result
+
+
+def print_overhead(r: dict) -> None:
+    c = r["config"]
+    print(f"\noverhead: CogVLA stand-in, batch {c['batch_size']}, {c['images']} images, "
+          f"{c['visual_tokens']} visual tokens into {c['lfp_layers']} LFP routers, "
+          f"{c['threads']} thread(s), {r['steps_each']} steps each, alternated")
+    print(f"  step median: monitor off {r['median_off_s']:.3f} s, on {r['median_on_s']:.3f} s: "
+          f"ratio {r['median_ratio']:.4f} (means: {r['mean_ratio']:.4f})")
+    print(f"  monitor hooks + batched statistics: {r['hook_ms_per_step_median']:.1f} ms per "
+          f"step (median; mean {r['hook_ms_per_step_mean']:.1f})")
+    rw = r["real_widths"]
+    print(f"  the same hooks at the real widths (router in {rw['router_width']}, FiLM "
+          f"{rw['film_widths']}): {rw['ms_per_step']:.1f} ms per step "
+          f"({', '.join(f'{k} {v:.1f}' for k, v in rw['ms_by_part'].items())})")
+
+
+class _LfpLayer:
+    """What the LFP adapter reads of a decoder layer (``router_factor``, visual count)."""
+
+    router_factor = 0.5
+
+    def get_num_patches(self) -> int:
+        return 64
+
+    def get_num_images_in_input(self) -> int:
+        return 2
+
+
+def real_width_rig(session, batch_size: int):
+    """The CogVLA adapters' hooks, fed what they get from the real model at its widths.
+
+    LFP: 24 routers (``FiLMedTokenRouter``, input width 4096, on 1 + 128 + 48 tokens);
+    FiLM: ``.scale``/``.shift`` outputs ``(B, 1024)`` for DINO layers 0/9/18 and ``(B, 1152)``
+    for SigLIP layers 0/9/18/26; MoE: router logits ``(B, 2)``; aggregation: 64 tokens of
+    width 1024/1152 per encoder. Returns ``(observers, step)``: ``step()`` is one forward's
+    worth of hook calls (the router modules really run, so their cost is measured apart).
+    """
+    from monitor.pruning import (
+        AggregationObserver,
+        FiLMObserver,
+        MoERouterObserver,
+        PruningObserver,
+    )
+    from monitor.pruning.adapters.cogvla_wiring import (
+        CogVLAAggregationAdapter,
+        CogVLAFiLMAdapter,
+        CogVLALfpAdapter,
+    )
+
+    width, seq, nv = 4096, 1 + 128 + 48, 128
+    lfp = PruningObserver(session)
+    lfp_adapter = CogVLALfpAdapter(lfp)
+    comps = [f"layer_{i:02d}" for i in range(8, 32)]
+    lfp.add_components(comps)
+    layers = [_LfpLayer() for _ in comps]
+    lfp_hooks = [lfp_adapter._hook(layer, c) for layer, c in zip(layers, comps)]
+    film = FiLMObserver(session)
+    film_adapter = CogVLAFiLMAdapter(film)
+    film_calls = []
+    for enc, w, idx in (("dino", 1024, (0, 9, 18)), ("siglip", 1152, (0, 9, 18, 26))):
+        for i in idx:
+            c = f"{enc}/layer_{i:02d}"
+            film.add_components([c])
+            film_calls.append((film_adapter._hook(c, "gamma"), torch.randn(batch_size, w)))
+            film_calls.append((film_adapter._hook(c, "beta"), torch.randn(batch_size, w)))
+    moe = MoERouterObserver(session, experts=["dino", "siglip"])
+    aggr = AggregationObserver(session, ["dino", "siglip"])
+    aggr_adapter = CogVLAAggregationAdapter(aggr)
+    aggr_calls = []
+    for enc, w in (("dino", 1024), ("siglip", 1152)):
+        vit = torch.nn.Module()
+        aggr_calls.append((aggr_adapter._in_hook(enc), aggr_adapter._out_hook(enc, 64, vit),
+                           torch.randn(batch_size, 256, w), torch.randn(batch_size, 325, w)))
+    from monitor.testing import FiLMedTokenRouter, LlamaConfig
+
+    router = FiLMedTokenRouter(LlamaConfig(hidden_size=width))  # LFP's router at width 4096
+    hidden = torch.randn(batch_size, seq, width)
+    mask = torch.zeros(batch_size, 1, seq, seq)
+    with torch.no_grad():
+        out = router(hidden, mask, nv)  # (B, S, 2) logits, as every LFP layer's router gives
+    logits = [out + 0.1 * torch.randn_like(out) for _ in layers]
+    moe_logits = torch.randn(batch_size, 2)
+    observers = {"lfp": lfp, "film": film, "moe": moe, "aggr": aggr}
+    parts = {
+        "lfp": lambda: [h(router, (hidden, mask, nv), {}, out)
+                        for h, out in zip(lfp_hooks, logits)],
+        "film": lambda: [h(None, (), {}, g) for h, g in film_calls],
+        "moe": lambda: moe.observe_logits(moe_logits),
+        "aggr": lambda: [(i(None, (), {}, x), o(None, (), {}, y)) for i, o, x, y in aggr_calls],
+    }
+    return observers, parts
+
+
+def bench_real_width_hooks(threads: int, batch_size: int, reps: int = 15) -> dict:
+    from monitor.session import MonitorSession
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        session = MonitorSession(f"{tmp}/run", "rig", participation="local")
+        observers, parts = real_width_rig(session, batch_size)
+        ms = {}
+        with torch.no_grad():
+            for name, call in parts.items():
+                obs = observers[name]
+                times = []
+                for i in range(reps + 2):
+                    t0 = time.perf_counter()
+                    call()
+                    obs.drain()
+                    if i >= 2:
+                        times.append(time.perf_counter() - t0)
+                ms[name] = statistics.median(times) * 1e3
+        for obs in observers.values():
+            obs.finalize(flush=False)
+    return {"router_width": 4096, "film_widths": [1024, 1152], "batch_size": batch_size,
+            "ms_by_part": ms, "ms_per_step": sum(ms.values())}
+
+
+# -- host syncs ------------------------------------------------------------------------------
+
+def bench_syncs(steps: int, batch_size: int) -> dict:
+    from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
+    from monitor.testing import build_tiny_cogvla, synthetic_batch
+    from monitor.testing.probes import HostSyncSpy
+
+    cfg = bench_config()
+    model = build_tiny_cogvla(cfg, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = synthetic_batch(cfg, batch_size=batch_size, generator=torch.Generator().manual_seed(0))
+    interval = steps + 1  # the steps in between flush nothing
+    with tempfile.TemporaryDirectory() as tmp:
+        mon = CogVLAMonitoring(run_dir=f"{tmp}/run", run_id="syncs", cfg=CogVLAMonitoringConfig(
+            participation="local", monitor_log_interval=interval,
+            pruning_event_log_interval=interval, detailed_log_interval=interval))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mon.attach(model)
+        _train_step(model, opt, batch, mon, 0)  # step 0 is due everywhere
+        mon.log_step(1)  # ... and flushed here
+        with HostSyncSpy(only_from="monitor") as between:
+            for step in range(1, steps + 1):
+                _train_step(model, opt, batch, mon, step)
+        with HostSyncSpy(only_from="monitor") as at_flush:
+            mon.log_step(interval)
+            _train_step(model, opt, batch, mon, interval)
+            mon.finalize()
+    result = {"steps_between_flushes": steps, "host_syncs_between_flushes": len(between.calls),
+              "by_method_between": dict(between.counts),
+              "host_syncs_in_a_flush_and_finalize": len(at_flush.calls)}
+    print(f"\nsyncs: {len(between.calls)} host syncs from monitor code in {steps} training steps "
+          f"between flushes; {len(at_flush.calls)} in the flushing step and finalize "
+          f"({dict(at_flush.counts)})")
+    return result
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak, Linux units
+
+
+def bench_memory(checkpoints: list[int], batch_size: int) -> dict:
+    from monitor import Monitor
+    from monitor.session import MonitorSession
+
+    torch.set_num_threads(1)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        session = MonitorSession(f"{tmp}/run", "memory", participation="local")
+        observers, parts = real_width_rig(session, batch_size)
+        train = Monitor(session=session, log_interval=100)  # the facade's defaults
+        loss = torch.tensor(0.5)
+        tracemalloc.start()
+        start_rss, start_py = None, None
+        step = 0
+        with torch.no_grad():
+            for target in [100, *checkpoints]:
+                while step < target:
+                    train.log_step(step)
+                    for call in parts.values():
+                        call()
+                    with train.step(step) as h:
+                        h.log(loss=loss, lr=1e-4)
+                    step += 1
+                gc.collect()
+                rss, py = _rss_mb(), tracemalloc.get_traced_memory()[0] / 2**20
+                if start_rss is None:
+                    start_rss, start_py = rss, py
+                    out["after_100"] = {"rss_mb": rss, "python_mb": py}
+                    continue
+                out[f"after_{target}"] = {"rss_mb": rss, "python_mb": py,
+                                          "rss_growth_mb": rss - start_rss,
+                                          "python_growth_mb": py - start_py}
+        tracemalloc.stop()
+        for obs in observers.values():
+            obs.finalize()
+        train.finalize()
+        out["records_written"] = sum(
+            1 for p in Path(tmp, "run").rglob("*.jsonl") for _ in open(p))
+    print("\nmemory: the monitor driven with real-shaped tensors, flushes at default intervals")
+    for key, v in out.items():
+        if key.startswith("after_") and "rss_growth_mb" in v:
+            print(f"  {key.replace('_', ' ')} steps: RSS {v['rss_mb']:.1f} MB "
+                  f"({v['rss_growth_mb']:+.1f} since step 100), Python allocations "
+                  f"{v['python_mb']:.2f} MB ({v['python_growth_mb']:+.3f})")
+    print(f"  records written: {out['records_written']}")
+    return out
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "processor": platform.processor(),
+            "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", nargs="+", default=["flush", "overhead", "syncs", "memory"],
+                   choices=["flush", "overhead", "syncs", "memory"])
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--metrics", type=int, nargs="+", default=[10, 100, 1000, 10_000])
+    p.add_argument("--steps", type=int, default=12, help="overhead: steps each, alternated")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    p.add_argument("--memory-steps", type=int, nargs="+", default=[1000, 10_000])
+    p.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    p.add_argument("--out", default=str(ROOT / "bench-results.json"))
+    args = p.parse_args()
+    if args.quick:
+        args.metrics = [k for k in args.metrics if k <= 100] or [10]
+        args.steps, args.batch_size, args.memory_steps = 2, 2, [200, 400]
+    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "machine": machine(), "time": time.time()}
+    if "flush" in args.sections:
+        results["flush"] = bench_flush(args.ranks, args.metrics, args.quick)
+    if "overhead" in args.sections:
+        results["overhead"] = bench_overhead(args.steps, args.batch_size, args.threads)
+    if "syncs" in args.sections:
+        results["syncs"] = bench_syncs(3 if args.quick else 5, args.batch_size)
+    if "memory" in args.sections:
+        results["memory"] = bench_memory(args.memory_steps, args.batch_size)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
