@@ -144,7 +144,7 @@ def lfp_selection(router_logits: torch.Tensor, num_visual: int, router_factor: f
     Returns:
         ``(p_keep (B, S), kept (B, S) bool)``.
     """
-    p_keep, kept = lfp_selection_many(router_logits.unsqueeze(0), num_visual, router_factor)
+    p_keep, kept = lfp_selection_many(router_logits.unsqueeze(0), num_visual, [router_factor])
     return p_keep[0], kept[0]
 
 
@@ -221,12 +221,13 @@ class CogVLALfpAdapter:
         statistics batched over layers; the top-k per layer, as each layer calls it."""
         groups: dict[tuple, list[tuple]] = {}
         for item in self.observer.unchanged(items):
-            _, nv, factor, mask, logits, _ = item
-            groups.setdefault((logits.shape, logits.dtype, logits.device, nv, factor,
-                               id(mask)), []).append(item)
+            _, nv, _, mask, logits, _ = item
+            groups.setdefault((logits.shape, logits.dtype, logits.device, nv, id(mask)),
+                              []).append(item)
         for group in groups.values():
-            _, nv, factor, mask, _, _ = group[0]
-            p_keep, kept = lfp_selection_many(torch.stack([it[4] for it in group]), nv, factor)
+            _, nv, _, mask, _, _ = group[0]
+            p_keep, kept = lfp_selection_many(torch.stack([it[4] for it in group]), nv,
+                                              [it[2] for it in group])
             pad = padding_of(mask, p_keep.shape[1], p_keep.shape[2])
             forced = torch.cat([p_keep[:, :, :1], p_keep[:, :, 1 + nv:]], dim=2)
             valid = None
@@ -237,10 +238,12 @@ class CogVLALfpAdapter:
                                        kept[:, :, 1:1 + nv], forced, valid)
 
 
-def lfp_selection_many(router_logits: torch.Tensor, num_visual: int, router_factor: float):
-    """:func:`lfp_selection` of ``L`` router calls stacked ``(L, B, S, 2)``: the softmax
-    in one kernel (elementwise per row, so the same values), the top-k of each call alone
-    (the very call the layer makes, so the same tokens, ties included).
+def lfp_selection_many(router_logits: torch.Tensor, num_visual: int,
+                       router_factors: Sequence[float]):
+    """:func:`lfp_selection` of ``L`` router calls stacked ``(L, B, S, 2)`` (each layer's
+    ``router_factor`` in ``router_factors``): the softmax in one kernel (elementwise per
+    row, so the same values), the top-k of each call alone (the very call the layer makes,
+    so the same tokens, ties included).
 
     Returns:
         ``(p_keep (L, B, S), kept (L, B, S) bool)``.
@@ -249,9 +252,9 @@ def lfp_selection_many(router_logits: torch.Tensor, num_visual: int, router_fact
     force = torch.zeros(p_keep.shape[1:], device=p_keep.device)
     force[:, 0] = force[:, 1 + num_visual:] = torch.inf
     seq_len = p_keep.shape[2]
-    kept_length = seq_len - (num_visual - int(num_visual * router_factor))
     kept = torch.zeros(p_keep.shape, dtype=torch.bool, device=p_keep.device)
-    for one, kept_one in zip(p_keep, kept):
+    for one, kept_one, factor in zip(p_keep, kept, router_factors, strict=True):
+        kept_length = seq_len - (num_visual - int(num_visual * factor))
         _, index = torch.topk(one + force, kept_length, dim=1, sorted=True)
         kept_one.scatter_(1, index, True)
     return p_keep, kept
