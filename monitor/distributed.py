@@ -202,13 +202,14 @@ class Reducer:
     def __init__(self, collective: bool, device: torch.device) -> None:
         self.collective = collective
         self.device = device
+        self._schemas: dict[tuple, tuple[bytes, int]] = {}
 
     def reduce(self, layout: Layout, rows: torch.Tensor, step: int, mode: str):
         if not self.collective:
             return layout, rows.cpu()  # host sync: once per flush
-        blob = json.dumps(layout, separators=(",", ":")).encode()
+        blob, schema = self._schema(layout)
         num = rows.shape[0]
-        mode_code, schema = _code(mode), _code(blob.decode())
+        mode_code = _code(mode)
         mine = [step, -step, mode_code, -mode_code, schema, -schema, num, -num, len(blob)]
         header = torch.tensor(mine, dtype=torch.int64, device=self.device)
         dist.all_reduce(header, op=dist.ReduceOp.MAX)
@@ -223,6 +224,18 @@ class Reducer:
         if h["schema"] == -h["-schema"] and h["rows"] == -h["-rows"]:
             return layout, self._reduce_same_schema(rows)
         return self._reduce_union(layout, rows, blob, h["rows"], h["blob"])
+
+    def _schema(self, layout: Layout) -> tuple[bytes, int]:
+        """The layout as JSON bytes and their hash, remembered for the layouts seen last
+        (a run flushes the same few layouts over and over)."""
+        key = tuple((group, tuple(names)) for group, names in layout.items())
+        cached = self._schemas.get(key)
+        if cached is None:
+            if len(self._schemas) >= 16:
+                self._schemas.clear()
+            blob = json.dumps(layout, separators=(",", ":")).encode()
+            cached = self._schemas[key] = (blob, _code(blob.decode()))
+        return cached
 
     def _reduce_same_schema(self, rows: torch.Tensor) -> torch.Tensor:
         n = rows.shape[0]

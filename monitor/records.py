@@ -45,11 +45,13 @@ def _value_objects(rows: torch.Tensor, keep: list[bool]) -> list[dict]:
     table = torch.where(torch.isfinite(table) & (count > 0).unsqueeze(1), table, math.nan)
     counts, nonfinites, values = count.tolist(), nonfinite.tolist(), table.tolist()
     out = []
-    for i, wanted in enumerate(keep):
-        if wanted:
-            mean, sd, lo, hi = (v if v == v else None for v in values[i])  # NaN -> null
-            out.append({"mean": mean, "std": sd, "min": lo, "max": hi,
-                        "count": int(counts[i]), "nonfinite": int(nonfinites[i])})
+    for wanted, (mean, sd, lo, hi), n, bad in zip(keep, values, counts, nonfinites):
+        if not wanted:
+            continue
+        if mean != mean or sd != sd or lo != lo or hi != hi:  # NaN -> null (rare)
+            mean, sd, lo, hi = (v if v == v else None for v in (mean, sd, lo, hi))
+        out.append({"mean": mean, "std": sd, "min": lo, "max": hi, "count": int(n),
+                    "nonfinite": int(bad)})
     return out
 
 

@@ -87,10 +87,11 @@ class StatSlots:
 
     def declare(self, names: Iterable[str]) -> None:
         """Add slots for ``names`` that do not exist yet (host-side bookkeeping only)."""
-        for name in names:
+        index = self._index
+        for name in [n for n in names if n not in index]:  # most calls: nothing new
             if not isinstance(name, str) or not name:
                 raise ValueError(f"metric names must be non-empty strings, got {name!r}")
-            self._index.setdefault(name, len(self._index))
+            index.setdefault(name, len(index))
 
     def update(self, values: Mapping[str, float | torch.Tensor]) -> None:
         """Fold normalised values (see :func:`as_samples`) into their slots.
