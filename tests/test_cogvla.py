@@ -367,56 +367,28 @@ def test_every_name_the_public_script_imports_exists():
         assert callable(cls)
 
 
-SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__float__", "__bool__", "__int__",
-                "__index__")
-
-
-def test_hooks_read_nothing_back_to_the_host_between_flushes(tmp_path, cfg, monkeypatch):
+def test_hooks_read_nothing_back_to_the_host_between_flushes(tmp_path, cfg):
     """Calls that move tensor data to the host, made by monitor code while steps run."""
-    import os
-    import sys
+    from monitor.testing.probes import HostSyncSpy
 
-    import monitor
-
-    package = os.path.dirname(monitor.__file__)
-    testing = os.path.join(package, "testing")
     model = build_tiny_cogvla(cfg, seed=0)
     mon = make(tmp_path, monitor_log_interval=50, pruning_event_log_interval=50,
                detailed_log_interval=50)
     attach_quietly(mon, model)
     train(model, mon, 1, cfg)  # step 0 is due; its flush runs at step 1's first call
     mon.log_step(1)
-    calls = []
-
-    def from_monitor() -> bool:
-        frame = sys._getframe(2)
-        while frame is not None:
-            name = frame.f_code.co_filename
-            if name.startswith(package) and not name.startswith(testing):
-                return True
-            frame = frame.f_back
-        return False
-
-    for name in SYNC_METHODS:
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *a, _name=name, _orig=original, **k):
-            if from_monitor():
-                calls.append(_name)
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
     gen = torch.Generator().manual_seed(5)
-    for step in range(1, 4):
-        mon.log_step(step)
-        out = model(**synthetic_batch(cfg, batch_size=2, generator=gen))
-        out.loss.backward()
-        with mon.step(step) as h:
-            h.log(loss=out.loss.detach(), lr=1e-3)
-    assert calls == []
-    mon.finalize()  # the flush reads results back: the one place the host waits
-    assert calls
-    monkeypatch.undo()
+    with HostSyncSpy(only_from="monitor") as between:
+        for step in range(1, 4):
+            mon.log_step(step)
+            out = model(**synthetic_batch(cfg, batch_size=2, generator=gen))
+            out.loss.backward()
+            with mon.step(step) as h:
+                h.log(loss=out.loss.detach(), lr=1e-3)
+    assert between.calls == []
+    with HostSyncSpy(only_from="monitor") as at_flush:
+        mon.finalize()  # the flush reads results back: the one place the host waits
+    assert at_flush.calls
 
 
 def test_padding_is_left_out_of_the_force_kept_tokens(tmp_path, cfg):

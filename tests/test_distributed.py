@@ -112,7 +112,7 @@ def test_out_of_step_ranks_raise_on_every_rank(tmp_path, interval, where):
         assert (summary["status"], summary["error"]) == ("failed", "RankMismatchError")
 
 
-@pytest.mark.parametrize("num_metrics", [5, 5000])
+@pytest.mark.parametrize("num_metrics", [5, 1000, 10_000])
 def test_collectives_per_flush_do_not_depend_on_metric_count(tmp_path, num_metrics):
     per_rank = run_world(workers.many_metrics, 2, tmp_path, run_dir=str(tmp_path / "run"),
                          num_metrics=num_metrics, steps=7, interval=3)
