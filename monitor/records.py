@@ -61,7 +61,7 @@ def resume_marker(step: int, world_size: int, segment: int, superseded: int) -> 
     """
     return {"step": step, "time": time.time(), "world_size": world_size,
             "resume": {"segment": segment, "supersedes_from_step": step,
-                       "superseded_records": superseded}}
+                       "superseded_lines": superseded}}
 
 
 def live_records(lines: list[dict]) -> list[dict]:

@@ -173,7 +173,7 @@ def test_reopening_a_run_appends_and_says_so_in_meta(run_dir):
     lines = read_jsonl(paths(run_dir)[0])
     assert [r["step"] for r in lines if "metrics" in r] == [0, 1]
     assert lines[1]["resume"] == {"segment": 2, "supersedes_from_step": 1,
-                                  "superseded_records": 0}
+                                  "superseded_lines": 0}
     meta = json.loads(paths(run_dir)[2].read_text())
     assert meta["resumed"] is True and len(meta["segments"]) == 2
 

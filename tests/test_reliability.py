@@ -190,7 +190,7 @@ def test_resume_drops_the_dead_segments_overlap_from_the_summary(tmp_path):
     stream = read_jsonl(run_dir / "monitor_logs" / "r.jsonl")
     assert [r["step"] for r in stream if "metrics" in r] == [0, 2, 4, 6, 8, 6, 8, 10, 11]
     assert stream[5]["resume"] == {"segment": 2, "supersedes_from_step": 6,
-                                   "superseded_records": 2}
+                                   "superseded_lines": 2}
     assert [r["step"] for r in live_records(stream)] == [0, 2, 4, 6, 8, 10, 11]
     summary = json.loads((run_dir / "monitor_logs" / "r_summary.json").read_text())
     loss = summary["metrics"]["train"]["loss"]
