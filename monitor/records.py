@@ -75,7 +75,8 @@ def live_records(lines: list[dict]) -> list[dict]:
         resume = rec.get("resume")
         if isinstance(resume, dict):
             start = resume.get("supersedes_from_step")
-            out = [r for r in out if not isinstance(r.get("step"), int) or r["step"] < start]
+            if isinstance(start, int):
+                out = [r for r in out if not isinstance(r.get("step"), int) or r["step"] < start]
             continue
         out.append(rec)
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -273,7 +274,7 @@ def _remove_stale_temp_files(root: Path, run_id: str) -> None:
     if not run_id:
         return
     for folder in root.glob("*_logs"):
-        for tmp in folder.glob(f".{run_id}*.json.*"):
+        for tmp in folder.glob(f".{glob.escape(run_id)}*.json.*"):
             try:
                 tmp.unlink()
             except OSError:
@@ -350,7 +351,19 @@ class RunLock:
             os.unlink(self.path)  # while still locked: a clean end leaves no lock file
         except OSError:
             pass  # a lock file left behind is harmless: the lock itself is dropped below
+        fcntl.flock(self.fd, fcntl.LOCK_UN)  # also if a forked child still has the fd
         os.close(self.fd)
+
+    @classmethod
+    def _forget_in_child(cls) -> None:
+        """A forked child (a DataLoader worker) must not keep the lock alive after its
+        parent died: it closes its copies and holds nothing."""
+        for lock in cls._held.values():
+            os.close(lock.fd)  # closing a copy does not unlock the parent's
+        cls._held.clear()
+
+
+os.register_at_fork(after_in_child=RunLock._forget_in_child)
 
 
 def _same_file(fd: int, path: Path) -> bool:

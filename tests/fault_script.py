@@ -6,12 +6,14 @@ MODE: ``with_inside``/``with_outside`` (the ``with CogVLAMonitoring(...)`` form,
 at step 5 inside/outside the step context), ``exit_inside``/``exit_outside`` (the same crash,
 but ``finalize()`` is never called: the exit handler must write the end), ``exit_clean``
 (no crash, no ``finalize()``), ``forever`` (log every step until killed), ``hold`` (open the
-run, print ``ready`` and wait to be killed).
+run, print ``ready`` and wait to be killed), ``hold_fork`` (the same, after forking a child
+that sleeps, as a DataLoader worker would: its pid follows ``ready``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 
@@ -30,8 +32,12 @@ def main(run_dir: str, mode: str, run_id: str = "run") -> None:
                                  pruning_event_log_interval=interval, detailed_log_interval=4,
                                  film_sample_layers=[0, 9])
     monitor = CogVLAMonitoring(run_dir=run_dir, run_id=run_id, config_name="fault", cfg=cfg)
-    if mode == "hold":
-        print("ready", flush=True)
+    if mode.startswith("hold"):
+        child = os.fork() if mode == "hold_fork" else None
+        if child == 0:
+            time.sleep(600)
+            os._exit(0)
+        print("ready", "" if child is None else child, flush=True)
         time.sleep(600)
         return
     model_cfg = TinyCogVLAConfig(image_size=16)

@@ -42,9 +42,10 @@ def script(run_dir, mode, run_id="run", **popen):
                             stderr=subprocess.PIPE, **popen)
 
 
-def wait_ready(proc) -> None:
-    line = proc.stdout.readline()  # the script prints "ready" (or dies: empty line)
-    assert line.strip() == "ready", proc.stderr.read()
+def wait_ready(proc) -> list[str]:
+    line = proc.stdout.readline().split()  # the script prints "ready" (or dies: nothing)
+    assert line[:1] == ["ready"], proc.stderr.read()
+    return line[1:]
 
 
 def every_file_parses(run_dir: Path) -> dict[str, int]:
@@ -436,6 +437,21 @@ def test_a_second_process_on_the_same_run_dir_gets_a_clear_error(tmp_path):
         holder.kill()
         holder.communicate(timeout=WAIT_S)
     assert not (run_dir / "monitor_logs" / "other.jsonl").exists()
+
+
+def test_a_forked_child_of_a_killed_writer_does_not_keep_the_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = script(run_dir, "hold_fork")
+    child = int(wait_ready(holder)[0])
+    try:
+        os.kill(holder.pid, signal.SIGKILL)  # the child (a DataLoader worker, say) lives on
+        holder.wait(timeout=WAIT_S)
+        with pytest.warns(RuntimeWarning, match=f"took over the lock .* pid {holder.pid}"):
+            mon = Monitor(run_dir=run_dir, run_id="run")
+        mon.finalize()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        holder.communicate(timeout=WAIT_S)  # the child held the pipes: read them to the end
 
 
 def test_sessions_of_one_process_share_the_lock_and_the_last_one_releases_it(tmp_path):
