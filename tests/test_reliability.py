@@ -356,6 +356,17 @@ def test_a_failing_disk_on_rank0_degrades_the_monitor_and_changes_no_collective(
     assert summary["status"] == "completed" and summary["degraded"] is True
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc (read-only)")
+def test_a_run_dir_that_cannot_be_created_degrades_and_training_goes_on():
+    with pytest.warns(RuntimeWarning, match=r"cannot write /proc/.*ENOENT.* degraded") as caught:
+        mon = Monitor(run_dir="/proc/no-such-monitor-run/run", run_id="r", log_interval=1)
+        for step in range(3):
+            with mon.step(step) as h:
+                h.log(loss=1.0)
+        mon.finalize()
+    assert len(caught) == 1 and mon.session.degraded
+
+
 def read_only_folder(rank, world_size, steps, read_only_from, writable_from):
     """A whole run in a folder that turns read-only mid-run (as an unprivileged user)."""
     import pwd
