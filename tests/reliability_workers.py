@@ -74,3 +74,42 @@ def rank_dies(rank, world_size, run_dir, how):
     return {"type": type(error).__name__, "is_runtime_error": isinstance(error, RuntimeError),
             "message": str(error)[:500], "meta_status": meta["status"],
             "meta_error": meta["error"]}
+
+
+def facade_disk_fails_on_rank0(rank, world_size, run_dir, steps, fail_from, fail_until):
+    """The CogVLA facade (training metrics and four observers, one fused flush per due step)
+    on the stand-in model; rank 0's writes fail for ``fail_from <= step < fail_until``."""
+    import torch
+
+    from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
+    from monitor.testing import TinyCogVLAConfig, build_tiny_cogvla, synthetic_batch
+
+    model_cfg = TinyCogVLAConfig(image_size=16)
+    model = build_tiny_cogvla(model_cfg, seed=0)
+    counter = count_collectives()
+    gen = torch.Generator().manual_seed(rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = CogVLAMonitoring(run_dir=run_dir, run_id="disk", cfg=CogVLAMonitoringConfig(
+            monitor_log_interval=1, pruning_event_log_interval=1, detailed_log_interval=2,
+            film_sample_layers=[0, 9], participation="all"))
+        mon.attach(model)
+        deltas, originals = [], None
+        for step in range(steps):
+            if rank == 0 and step == fail_from:
+                originals = _fail_writes()
+            if rank == 0 and step == fail_until:
+                sinks._append, sinks._replace = originals["_append"], originals["_replace"]
+            before = counter["n"]
+            mon.log_step(step)
+            with torch.no_grad():
+                out = model(**synthetic_batch(model_cfg, batch_size=1, generator=gen))
+            with mon.step(step) as h:
+                h.log(loss=out.loss)
+            deltas.append(counter["n"] - before)
+        before = counter["n"]
+        mon.finalize()
+        deltas.append(counter["n"] - before)
+    counter["restore"]()
+    return {"deltas": deltas, "degraded": mon.session.degraded,
+            "warnings": [str(w.message) for w in caught if "cannot write" in str(w.message)]}

@@ -367,6 +367,21 @@ def test_a_run_dir_that_cannot_be_created_degrades_and_training_goes_on():
     assert len(caught) == 1 and mon.session.degraded
 
 
+@pytest.mark.distributed
+def test_a_failing_disk_on_rank0_under_the_cogvla_facade_changes_no_collective(tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_world(reliability_workers.facade_disk_fails_on_rank0, 2, tmp_path, timeout=120,
+                    run_dir=str(run_dir), steps=6, fail_from=2, fail_until=4)
+    assert out[0]["deltas"] == out[1]["deltas"] and sum(out[0]["deltas"]) > 0
+    assert out[0]["degraded"] and len(out[0]["warnings"]) == 1 and out[1]["warnings"] == []
+    every_file_parses(run_dir)
+    for part in ("monitor", *PARTS):
+        steps = [r["step"] for r in read_records(run_dir / f"{part}_logs" / "disk.jsonl")]
+        assert steps == [0, 1, 4, 5], part
+        summary = json.loads((run_dir / f"{part}_logs" / "disk_summary.json").read_text())
+        assert summary["degraded"] is True and summary["status"] == "completed", part
+
+
 def read_only_folder(rank, world_size, steps, read_only_from, writable_from):
     """A whole run in a folder that turns read-only mid-run (as an unprivileged user)."""
     import pwd
