@@ -367,6 +367,30 @@ def test_a_run_dir_that_cannot_be_created_degrades_and_training_goes_on():
     assert len(caught) == 1 and mon.session.degraded
 
 
+def test_a_line_cut_short_by_a_full_disk_is_removed_before_the_next_record(
+        tmp_path, monkeypatch):
+    from monitor import sinks
+
+    real = sinks._append
+
+    def half_then_full(path, data):
+        real(path, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    mon = Monitor(run_dir=tmp_path / "r", run_id="r", log_interval=1)
+    with mon.step(0) as h:
+        h.log(loss=0.0)
+    monkeypatch.setattr(sinks, "_append", half_then_full)
+    with pytest.warns(RuntimeWarning, match="No space left on device"):
+        with mon.step(1) as h:
+            h.log(loss=1.0)
+    monkeypatch.setattr(sinks, "_append", real)
+    with mon.step(2) as h:
+        h.log(loss=2.0)
+    mon.finalize()
+    assert [r["step"] for r in read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")] == [0, 2]
+
+
 @pytest.mark.distributed
 def test_a_failing_disk_on_rank0_under_the_cogvla_facade_changes_no_collective(tmp_path):
     run_dir = tmp_path / "run"
