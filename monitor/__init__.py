@@ -22,8 +22,9 @@ from monitor.pruning import (  # noqa: E402
     PruningObserver,
 )
 from monitor.session import MonitorSession
+from monitor.sinks import RunDirLockedError
 from monitor.train import Monitor, StepHandle
 
 __all__ = ["AggregationObserver", "FiLMObserver", "Monitor", "MoERouterObserver",
-           "MonitorSession", "Observer", "PruningObserver", "RankMismatchError", "StepHandle",
-           "__version__"]
+           "MonitorSession", "Observer", "PruningObserver", "RankMismatchError",
+           "RunDirLockedError", "StepHandle", "__version__"]

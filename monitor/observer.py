@@ -13,6 +13,10 @@ Rank 0 writes them under ``{run_dir}/{part}_logs/``::
     {run_id}_detailed.jsonl   detailed records (metrics and histograms)
     {run_id}_summary.json     first/last/min/max of each metric's means, alerts, what was attached
 
+The first time a metric has non-finite values in a record, an alert record
+``{"alert": {"type": "nonfinite", "stream", "metric", "nonfinite", "count"}}`` goes to the
+compact stream (once per metric and stream; training goes on).
+
 Every slot is declared before the first hook fires (:meth:`Observer.declare`), so every
 rank reduces the same rows whichever hooks fired. Hooks run under ``torch.no_grad()`` on
 detached tensors, return None and never raise into the model: an error inside one is
@@ -140,6 +144,10 @@ class Observer:
         self._summary = SummaryTracker()
         self._summary_written_at = -math.inf
         self._finalized = False
+        self._nonfinite_seen: set[tuple[str, str]] = set()
+        for kind, name in streams.items():
+            session.register_stream_file(name, lambda kept, k=kind: self._on_resume(k, kept))
+        session.on_exit(lambda status, error: self.finalize(status, flush=False, error=error))
 
     # -- declaring slots ------------------------------------------------------------------
 
@@ -295,6 +303,11 @@ class Observer:
             self.last_metrics, self.last_step = metrics, label
             for alert in self.check_alerts(label, metrics):
                 self._alert(label, alert)
+        for name, value in metrics.items():
+            if value["nonfinite"] and (kind, name) not in self._nonfinite_seen:
+                self._nonfinite_seen.add((kind, name))
+                self._alert(label, {"type": "nonfinite", "stream": kind, "metric": name,
+                                    "nonfinite": value["nonfinite"], "count": value["count"]})
         if time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_S:
             self._write_summary("running", None)
 
@@ -352,10 +365,12 @@ class Observer:
         parts[self.part] = {**self.attached, "hook_errors": self._hook_errors}
         self.session.update_meta(parts=parts)
 
-    def finalize(self, status: str = "completed", *, flush: bool = True) -> str:
+    def finalize(self, status: str = "completed", *, flush: bool = True,
+                 error: str | None = None) -> str:
         """Remove the hooks, write what is pending (unless ``flush=False``) and the summary.
 
-        Idempotent. ``flush=True`` reduces (a collective: call it on every rank).
+        Idempotent. ``flush=True`` with ``status="completed"`` reduces (a collective: call
+        it on every rank); ``error`` (an exception's type name) goes into the summary.
         """
         if self._finalized:
             return str(self.summary_path)
@@ -368,13 +383,27 @@ class Observer:
             self.session.scheduler.remove(self.events)
             self.session.scheduler.remove(self.detailed)
             self.describe()
-            self._write_summary(status, None)
+            self._write_summary(status, error)
         return str(self.summary_path)
+
+    def _on_resume(self, kind: str, kept: list[dict]) -> None:
+        """Seed the summary (and the last compact values, the alerts) with the earlier
+        segments' live records of stream ``kind`` (resumed run)."""
+        for rec in kept:
+            if isinstance(rec.get("metrics"), dict):
+                self._summary.add(rec["step"], kind, rec["metrics"])
+                if kind == "events":
+                    self.last_metrics, self.last_step = rec["metrics"], rec["step"]
+            elif isinstance(rec.get("alert"), dict):
+                self.alerts.append(rec)
 
     def _write_summary(self, status: str, error: str | None) -> None:
         self._summary_written_at = time.monotonic()
+        if status != "running":
+            self.session.start_segment()  # a resumed run that never flushed still seeds
         summary = self._summary.to_dict(self.run_id, self.session.start_time, status, error)
         summary.update(part=self.part, alerts=self.alerts, attached=self.attached,
-                       hook_errors=self._hook_errors, last=self.get_summary())
+                       hook_errors=self._hook_errors, last=self.get_summary(),
+                       degraded=self.session.degraded)
         self.session.files.write_json(self._summary_name, summary, pretty=False,
                                       durable=status != "running")

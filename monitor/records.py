@@ -55,6 +55,35 @@ def _value_objects(rows: torch.Tensor, keep: list[bool]) -> list[dict]:
     return out
 
 
+def resume_marker(step: int, world_size: int, segment: int, superseded: int) -> dict:
+    """The line a resumed run appends to each stream before its first record.
+
+    Records above it with ``step >= supersedes_from_step`` belong to the dead segment's
+    overlap (steps the resumed run does again): readers drop them (:func:`live_records`).
+    """
+    return {"step": step, "time": time.time(), "world_size": world_size,
+            "resume": {"segment": segment, "supersedes_from_step": step,
+                       "superseded_lines": superseded}}
+
+
+def live_records(lines: list[dict]) -> list[dict]:
+    """The records of a stream with every resume's overlap dropped (markers dropped too).
+
+    At each resume marker, the records read so far at steps at or after its
+    ``supersedes_from_step`` are removed, so no step is counted twice.
+    """
+    out: list[dict] = []
+    for rec in lines:
+        resume = rec.get("resume")
+        if isinstance(resume, dict):
+            start = resume.get("supersedes_from_step")
+            if isinstance(start, int):
+                out = [r for r in out if not isinstance(r.get("step"), int) or r["step"] < start]
+            continue
+        out.append(rec)
+    return out
+
+
 def record(step: int, mode: str | None, world_size: int, metrics: dict) -> dict:
     """One JSONL record: step, mode (when it applies), wall time, world size, metrics."""
     rec: dict = {"step": step}

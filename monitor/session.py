@@ -8,13 +8,16 @@ that everything due at a step goes through one fused reduction (``session.schedu
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import platform
 import socket
+import sys
 import time
 import warnings
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -31,6 +34,8 @@ def validate_run_id(run_id: object) -> str:
         raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
     if "/" in run_id or "\\" in run_id or os.sep in run_id or ".." in run_id or run_id == ".":
         raise ValueError(f"run_id must not contain a path separator or '..', got {run_id!r}")
+    if "\0" in run_id:
+        raise ValueError(f"run_id must not contain a NUL character, got {run_id!r}")
     return run_id
 
 
@@ -47,6 +52,18 @@ class MonitorSession:
             ``"local"``.
         participation_timeout: seconds of that wait (default 10, or
             ``$MONITOR_PARTICIPATION_TIMEOUT``).
+
+    Raises:
+        RunDirLockedError: another live process writes ``run_dir`` (rank 0 only).
+
+    Reliability (see "Guarantees" in ``monitor/README.md``): rank 0 holds the run folder's
+    lock while the session lives; write failures degrade the session instead of raising;
+    when the process exits without the session being finished (an uncaught exception, a
+    script that never calls ``finalize()``), an exit handler writes the summaries and meta
+    with ``status`` ``"failed"`` (and the error's type) or ``"incomplete"``, without any
+    collective. A resumed run (the same folder and run id again) appends to the same files
+    and, at its first flush, marks the dead segment's records at or after its first step as
+    superseded.
     """
 
     def __init__(
@@ -66,8 +83,17 @@ class MonitorSession:
         self.world = distributed.detect_world()
         timeout = distributed.participation_timeout(participation_timeout)
         self.participation = distributed.Participation(self.world, run_id, participation, timeout)
-        self.files = RunFiles(self.run_dir) if self.world.is_writer else NullRunFiles(self.run_dir)
+        self.files = RunFiles(self.run_dir, run_id) if self.world.is_writer \
+            else NullRunFiles(self.run_dir)
+        # a session dropped unfinished frees the lock (at exit the OS does, after the guard)
+        weakref.finalize(self, self.files.close).atexit = False
         self.start_time = time.time()
+        self._stream_files: list[tuple[str, Callable[[list[dict]], None]]] = []
+        self._segment_started = False
+        self._finishers: list[Callable[[str, str | None], None]] = []
+        self.closed = False
+        self._exit_guard = _ExitGuard(weakref.ref(self))
+        atexit.register(self._exit_guard)
         self._reducer: distributed.Reducer | None = None
         self.scheduler = FlushScheduler(self.reduce, lambda: self.device)
         if self.participation.decision == distributed.NO_PROCESS_GROUP:
@@ -81,11 +107,25 @@ class MonitorSession:
             )
         self.meta_path = f"monitor_logs/{run_id}_meta.json"
         self.meta = self._initial_meta(config_name, config)
-        self.files.write_json(self.meta_path, self.meta)
+        self._write_meta()
 
     @property
     def world_size(self) -> int:
         return self.world.world_size
+
+    @property
+    def first_step(self) -> int | None:
+        """The first step this session saw (None before any): a resumed run's resume step."""
+        return self.scheduler.first_step
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.meta["resumed"])
+
+    @property
+    def degraded(self) -> bool:
+        """True once a write on this rank failed (see :class:`monitor.sinks.WriteHealth`)."""
+        return self.files.health.degraded
 
     @property
     def device(self) -> torch.device:
@@ -105,6 +145,8 @@ class MonitorSession:
 
     def reduce(self, layout: dict[str, list[str]], rows: torch.Tensor, step: int, mode: str):
         """Reduce packed rows; returns ``{group: (names, reduced CPU rows)}`` or None."""
+        if not self._segment_started:
+            self.start_segment()
         reducer = self.reducer()
         if reducer is None:
             return None
@@ -117,12 +159,87 @@ class MonitorSession:
 
     def update_meta(self, **fields) -> None:
         self.meta.update(fields)
+        self._write_meta()
+
+    def _write_meta(self) -> None:
+        self.meta.update(self.files.health.as_meta())
         self.files.write_json(self.meta_path, self.meta)
 
     def _record_participation(self) -> None:
         if self.meta["participation"]["decision"] != self.participation.decision:
             self.meta["participation"] = self._participation_meta()
-            self.files.write_json(self.meta_path, self.meta)
+            self._write_meta()
+
+    # -- segments (resume) ----------------------------------------------------------------
+
+    def register_stream_file(self, relative: str,
+                             on_resume: Callable[[list[dict]], None]) -> None:
+        """A JSONL stream of this session; on resume, ``on_resume(kept records)`` seeds
+        its owner's summary with the earlier segments' records that are not superseded."""
+        self._stream_files.append((relative, on_resume))
+
+    def start_segment(self) -> None:
+        """Once, at the first flush (or the end, if none): note the first step in meta and,
+        on a resumed run (writing rank), mark each stream's overlap as superseded.
+
+        Host-side file work on rank 0 only; no collective.
+        """
+        if self._segment_started:
+            return
+        self._segment_started = True
+        first = self.first_step
+        self.meta["segments"][-1]["first_step"] = first
+        if self.resumed and self.files.is_writer:
+            number = len(self.meta["segments"])
+            for relative, on_resume in self._stream_files:
+                lines = self.files.read_jsonl(relative)
+                live = records.live_records(lines)
+                kept = live if first is None else [r for r in live if _before(r, first)]
+                if lines and first is not None:
+                    marker = records.resume_marker(first, self.world_size, number,
+                                                   len(live) - len(kept))
+                    self.files.jsonl(relative).write(marker)
+                on_resume(kept)
+        self._write_meta()
+
+    # -- the end --------------------------------------------------------------------------
+
+    def on_exit(self, finisher: Callable[[str, str | None], None]) -> None:
+        """``finisher(status, error)`` is called by the exit handler if the session was not
+        finished (it must not communicate; ``status`` is ``"failed"`` or ``"incomplete"``)."""
+        self._finishers.append(finisher)
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """Write the end into meta (status, error, end time) and release the run folder."""
+        if self.closed:
+            return
+        self.start_segment()
+        end = time.time()
+        self.meta["segments"][-1].update(end_time=end, status=status)
+        self.update_meta(end_time=end, status=status, error=error)
+        self.close()
+
+    def close(self) -> None:
+        """Release the lock and the exit handler (no file is written)."""
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self._exit_guard)
+        self.files.close()
+
+    def abandon(self) -> None:
+        """The exit handler: finish every part that was never finished, without a
+        collective (other ranks may be gone)."""
+        if self.closed:
+            return
+        error_type = getattr(sys, "last_type", None)
+        status = "incomplete" if error_type is None else "failed"
+        error = None if error_type is None else error_type.__name__
+        try:
+            for finisher in list(self._finishers):
+                finisher(status, error)
+        finally:
+            self.finish(status, error)
 
     def _participation_meta(self) -> dict:
         decision = self.participation.decision
@@ -139,7 +256,7 @@ class MonitorSession:
     def _initial_meta(self, config_name, config) -> dict:
         previous = self.files.read_json(self.meta_path)
         segments = list(previous.get("segments", [])) if previous else []
-        segments.append({"start_time": self.start_time, "pid": os.getpid()})
+        segments.append({"start_time": self.start_time, "pid": os.getpid(), "first_step": None})
         return {
             "run_id": self.run_id,
             "config_name": config_name,
@@ -155,6 +272,23 @@ class MonitorSession:
             "resumed": previous is not None,
             "segments": segments,
         }
+
+
+class _ExitGuard:
+    """What ``atexit`` holds: a weak reference, so an unused session can be collected."""
+
+    def __init__(self, session: weakref.ref) -> None:
+        self._session = session
+
+    def __call__(self) -> None:
+        session = self._session()
+        if session is not None:
+            session.abandon()
+
+
+def _before(rec: dict, first: int) -> bool:
+    step = rec.get("step")
+    return not isinstance(step, int) or step < first
 
 
 def _plain(config) -> dict | None:

@@ -8,6 +8,7 @@ Files (paths relative to the run folder ``runs/{run_id}``)::
     monitor_logs/{run_id}.jsonl          one JSON object per line, appended, flushed per line
     monitor_logs/{run_id}_summary.json   replaced atomically (write to a temp file, rename)
     monitor_logs/{run_id}_meta.json      replaced atomically
+    .monitor.lock                        held (flock) by the writing process while it runs
 
 Sample JSONL line::
 
@@ -18,11 +19,62 @@ Sample JSONL line::
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
 import json
+import logging
 import os
+import socket
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("monitor")
+
+LOCK_NAME = ".monitor.lock"
+
+
+class RunDirLockedError(RuntimeError):
+    """Another live process is writing this run folder (its lock file is held)."""
+
+
+class WriteHealth:
+    """Write failures on the writing rank: counted, warned once, never raised.
+
+    A failed write (permission lost, disk full, ...) is skipped; later writes are tried
+    again, so a disk that recovers is used again. ``degraded`` stays True for the rest of
+    the session and is written into meta and the summaries whenever they can be written.
+    """
+
+    def __init__(self) -> None:
+        self.write_errors = 0
+        self.first_write_error: str | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return self.write_errors > 0
+
+    def failed(self, path: Path, exc: OSError) -> None:
+        self.write_errors += 1
+        if self.first_write_error is not None:
+            return
+        code = errno.errorcode.get(exc.errno, exc.errno) if exc.errno else "?"
+        self.first_write_error = f"{path}: [{code}] {exc.strerror or exc}"
+        message = (f"monitor: cannot write {path} ({type(exc).__name__} {code}: "
+                   f"{exc.strerror or exc}); training goes on, the monitor is degraded: "
+                   "failed writes are skipped and retried at the next record (reported once, "
+                   "counted in meta as write_errors)")
+        try:
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+        except RuntimeWarning:  # -W error must not turn a lost disk into a dead run
+            log.error(message)
+
+    def as_meta(self) -> dict:
+        return {"degraded": self.degraded, "write_errors": self.write_errors,
+                "first_write_error": self.first_write_error}
 
 
 def dumps(obj: Any) -> str:
@@ -31,27 +83,51 @@ def dumps(obj: Any) -> str:
 
 
 class JsonlSink:
-    """Append-only JSON-lines file: each record is one ``write`` of one whole line, flushed.
+    """Append-only JSON-lines file: each record is one ``write`` of one whole line.
 
-    The file is opened for each record and closed after it (records come once per flush,
-    so this costs nothing and leaves no handle behind when a run is never finalized).
-    Reopening a file whose last line was cut short (a process killed mid-write) first
-    truncates that partial line, so every line in the file always parses.
+    The file is opened (``O_APPEND``) for each record and closed after it (records come
+    once per flush, so this costs nothing and leaves no handle behind when a run is never
+    finalized). Before the first record, and after any failed write, a last line that was
+    cut short (a process killed mid-write, a full disk) is truncated, so every line in the
+    file parses. An ``OSError`` is reported to ``health`` and the record is skipped.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, health: WriteHealth | None = None) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and path.stat().st_size > 0:
-            _truncate_partial_last_line(path)
+        self._health = health if health is not None else WriteHealth()
+        self._repair = True
+        try:
+            self._prepare()
+        except OSError as exc:
+            self._health.failed(path, exc)
+
+    def _prepare(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size > 0:
+            _truncate_partial_last_line(self.path)
         else:
-            path.touch()
+            self.path.touch()
+        self._repair = False
 
     def write(self, record: dict) -> None:
-        line = dumps(record) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
+        data = (dumps(record) + "\n").encode()
+        try:
+            if self._repair:
+                self._prepare()
+            _append(self.path, data)
+        except OSError as exc:
+            self._repair = True  # the line may be half written: cut it before the next one
+            self._health.failed(self.path, exc)
+
+
+def _append(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 class NullSink:
@@ -82,25 +158,38 @@ def _truncate_partial_last_line(path: Path) -> None:
 
 
 class RunFiles:
-    """The run folder on the writing rank: opens streams, reads and replaces JSON files.
+    """The run folder on the writing rank: lock, streams, JSON files, write health.
+
+    Args:
+        run_dir: the folder; created if missing.
+        run_id: written into the lock file (who holds it).
 
     Raises:
-        ValueError: ``run_dir`` exists and is not a directory.
+        ValueError: ``run_dir`` (or a folder above it) exists and is not a directory.
+        RunDirLockedError: another live process holds the folder's lock.
     """
 
     is_writer = True
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    def __init__(self, run_dir: str | os.PathLike, run_id: str = "") -> None:
         self.root = Path(run_dir)
-        if self.root.exists() and not self.root.is_dir():
-            raise ValueError(f"run_dir must be a directory, but {str(self.root)!r} is a file")
-        self.root.mkdir(parents=True, exist_ok=True)
+        _check_is_dir_or_missing(self.root)
+        self.health = WriteHealth()
+        self.lock: RunLock | None = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.health.failed(self.root, exc)
+            return
+        self.lock = RunLock.acquire(self.root, run_id, self.health)
+        if self.lock is not None:
+            _remove_stale_temp_files(self.root, run_id)
 
     def path(self, relative: str) -> Path:
         return self.root / relative
 
     def jsonl(self, relative: str) -> JsonlSink:
-        return JsonlSink(self.path(relative))
+        return JsonlSink(self.path(relative), self.health)
 
     def read_json(self, relative: str) -> dict | None:
         """A JSON file's content, or None when missing or unreadable (never raises)."""
@@ -111,9 +200,28 @@ class RunFiles:
             return None
         return data if isinstance(data, dict) else None
 
+    def read_jsonl(self, relative: str) -> list[dict]:
+        """Every whole, parseable line of a JSONL file ([] when missing; never raises)."""
+        try:
+            with open(self.path(relative), "rb") as f:
+                lines = f.read().split(b"\n")
+        except OSError:
+            return []
+        out = []
+        for line in lines[:-1]:  # the text after the last newline is not a whole line
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
     def write_json(self, relative: str, obj: dict, *, pretty: bool = True,
                    durable: bool = True) -> None:
         """Replace a JSON file atomically: readers see the old or the new file, never half.
+
+        An ``OSError`` is reported to ``health`` (the old file stays as it was).
 
         Args:
             pretty: indent for people (Python's encoder: slow for thousands of metrics).
@@ -121,20 +229,169 @@ class RunFiles:
                 (a process crash never leaves half a file either way).
         """
         target = self.path(relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(obj, allow_nan=False, indent=2) if pretty else dumps(obj)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+            _replace(target, text + "\n", durable)
+        except OSError as exc:
+            self.health.failed(target, exc)
+
+    def close(self) -> None:
+        """Release the lock (the OS releases it anyway when the process ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def _replace(target: Path, text: str, durable: bool) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_is_dir_or_missing(root: Path) -> None:
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if folder.is_dir():
+                return
+            if folder == root:
+                raise ValueError(f"run_dir must be a directory, but {str(root)!r} is a file")
+            raise ValueError(f"run_dir {str(root)!r} cannot be created: {str(folder)!r} "
+                             "above it is a file")
+
+
+def _remove_stale_temp_files(root: Path, run_id: str) -> None:
+    """Temp files of an atomic replace that a killed writer left behind (ours only)."""
+    if not run_id:
+        return
+    for folder in root.glob("*_logs"):
+        for tmp in folder.glob(f".{glob.escape(run_id)}*.json.*"):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass  # harmless leftover: hidden, never read
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``{run_dir}/.monitor.lock``, held for the session's life.
+
+    One process writes a run folder: a second process gets :class:`RunDirLockedError`.
+    Sessions of the same process share the lock (a rank-0-only eval monitor beside the
+    training monitor, a facade and its parts). The OS drops the lock when the process
+    dies (``kill -9`` included), so a restarted run (torchrun's elastic restart, a manual
+    resume) takes it over; the lock file still names the dead holder, and a warning says
+    it was taken over. A clean release removes the file.
+    """
+
+    _held: dict[str, RunLock] = {}
+
+    def __init__(self, key: str, fd: int, path: Path) -> None:
+        self.key, self.fd, self.path, self.users = key, fd, path, 1
+
+    @classmethod
+    def acquire(cls, root: Path, run_id: str, health: WriteHealth) -> RunLock | None:
+        path = root / LOCK_NAME
+        key = os.path.realpath(path)
+        held = cls._held.get(key)
+        if held is not None:
+            held.users += 1
+            return held
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                health.failed(path, exc)  # no lock on a read-only folder: degraded, not fatal
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise RunDirLockedError(
+                        f"run_dir {str(root)!r} is in use by another process ({holder}); two "
+                        "processes must not write one run folder: give this run another "
+                        f"run_dir/run_id, or stop the other process (lock file {str(path)!r})"
+                    ) from None
+                health.failed(path, exc)
+                return None
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # its holder released and removed it meanwhile: lock the new one
+        previous = _read_holder(fd)
+        if previous:
+            _warn(f"monitor: took over the lock of {str(root)!r} from {previous}, which "
+                  "ended without releasing it (killed or crashed); this run continues the "
+                  "same files")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
+                "time": time.time()}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except OSError as exc:
+            health.failed(path, exc)
+        lock = cls._held[key] = cls(key, fd, path)
+        return lock
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users > 0 or self._held.get(self.key) is not self:
+            return
+        del self._held[self.key]
+        try:
+            os.unlink(self.path)  # while still locked: a clean end leaves no lock file
+        except OSError:
+            pass  # a lock file left behind is harmless: the lock itself is dropped below
+        fcntl.flock(self.fd, fcntl.LOCK_UN)  # also if a forked child still has the fd
+        os.close(self.fd)
+
+    @classmethod
+    def _forget_in_child(cls) -> None:
+        """A forked child (a DataLoader worker) must not keep the lock alive after its
+        parent died: it closes its copies and holds nothing."""
+        for lock in cls._held.values():
+            os.close(lock.fd)  # closing a copy does not unlock the parent's
+        cls._held.clear()
+
+
+os.register_at_fork(after_in_child=RunLock._forget_in_child)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        raw = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    if not raw:
+        return ""
+    try:
+        info = json.loads(raw)
+        return f"pid {info['pid']} on {info['host']}, run_id {info['run_id']!r}"
+    except (ValueError, KeyError, TypeError):
+        return raw[:200]
+
+
+def _warn(message: str) -> None:
+    try:
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
+    except RuntimeWarning:
+        log.warning(message)
 
 
 class NullRunFiles:
@@ -144,6 +401,7 @@ class NullRunFiles:
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.root = Path(run_dir)
+        self.health = WriteHealth()
 
     def path(self, relative: str) -> Path:
         return self.root / relative
@@ -154,6 +412,12 @@ class NullRunFiles:
     def read_json(self, relative: str) -> dict | None:
         return None
 
+    def read_jsonl(self, relative: str) -> list[dict]:
+        return []
+
     def write_json(self, relative: str, obj: dict, *, pretty: bool = True,
                    durable: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
         pass

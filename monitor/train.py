@@ -25,11 +25,16 @@ key                    value
 each ``log`` keyword   ``{"mean", "std", "min", "max", "count", "nonfinite"}``
 each ``extra`` key     same object
 =====================  ===========================================================
+
+The first time a metric of a mode has non-finite values in a record, an alert line
+``{"step", "time", "world_size", "alert": {"type": "nonfinite", "mode", "metric",
+"nonfinite", "count"}}`` follows that record (once per metric and mode; training goes on).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -41,6 +46,8 @@ from monitor.schedule import check_step
 from monitor.session import MonitorSession
 from monitor.slots import StatSlots, as_samples
 from monitor.streams import Stream
+
+log = logging.getLogger("monitor")
 
 MODES = ("train", "eval", "val", "test")
 SUMMARY_EVERY_S = 30.0
@@ -138,6 +145,7 @@ class Monitor:
     ) -> None:
         train = _ModeStream(self, "train", log_interval)
         self.log_interval = log_interval
+        self._owns_session = session is None
         if session is None:
             if run_dir is None or run_id is None:
                 raise TypeError("Monitor needs run_dir and run_id (or a session)")
@@ -158,6 +166,10 @@ class Monitor:
         self._summary = SummaryTracker()
         self._summary_written_at = -math.inf
         self._finalized = False
+        self.alerts: list[dict] = []
+        self._nonfinite_seen: set[tuple[str, str]] = set()
+        session.register_stream_file(f"monitor_logs/{self.run_id}.jsonl", self._on_resume)
+        session.on_exit(self._finish)
         # Gradient accumulation shows as several train contexts at one step number. Once
         # the run has shown that, a due record waits for the first call with a later step
         # (so every micro-batch of the due step is in it) instead of the context's exit.
@@ -228,6 +240,8 @@ class Monitor:
     # -- internals ----------------------------------------------------------------------
 
     def _finish(self, status: str, error: str | None) -> str:
+        """End the run: ``"completed"`` flushes what is pending (a collective); any other
+        status (``"failed"``, ``"incomplete"`` from the exit handler) only writes files."""
         if self._finalized:
             return str(self.summary_path)
         self._finalized = True
@@ -243,7 +257,10 @@ class Monitor:
         finally:
             self._scheduler.remove(self._streams["train"])
             self._write_summary(status, error)
-            self.session.update_meta(end_time=time.time(), status=status, error=error)
+            if self._owns_session:
+                self.session.finish(status, error)
+            else:
+                self.session.update_meta(end_time=time.time(), status=status, error=error)
         return str(self.summary_path)
 
     def _advance(self, step: int) -> None:
@@ -262,12 +279,37 @@ class Monitor:
             return
         self._sink.write(record(step, mode, self.session.world_size, metrics))
         self._summary.add(step, mode, metrics)
+        for name, value in metrics.items():
+            if value["nonfinite"] and (mode, name) not in self._nonfinite_seen:
+                self._nonfinite_alert(step, mode, name, value)
         if time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_S:
             self._write_summary("running", None)
 
+    def _nonfinite_alert(self, step: int, mode: str, name: str, value: dict) -> None:
+        self._nonfinite_seen.add((mode, name))
+        alert = {"type": "nonfinite", "mode": mode, "metric": name,
+                 "nonfinite": value["nonfinite"], "count": value["count"]}
+        rec = {"step": step, "time": time.time(), "world_size": self.session.world_size,
+               "alert": alert}
+        self.alerts.append(rec)
+        self._sink.write(rec)
+        if self.session.world.is_writer:
+            log.warning("monitor alert at step %d: %s", step, alert)
+
+    def _on_resume(self, kept: list[dict]) -> None:
+        """Seed the summary with the earlier segments' live records (resumed run)."""
+        for rec in kept:
+            if isinstance(rec.get("metrics"), dict):
+                self._summary.add(rec["step"], rec.get("mode", "train"), rec["metrics"])
+            elif isinstance(rec.get("alert"), dict):
+                self.alerts.append(rec)
+
     def _write_summary(self, status: str, error: str | None) -> None:
         self._summary_written_at = time.monotonic()
+        if status != "running":
+            self.session.start_segment()  # a resumed run that never flushed still seeds
         summary = self._summary.to_dict(self.run_id, self.session.start_time, status, error)
+        summary.update(alerts=self.alerts, degraded=self.session.degraded)
         # Rewritten often while running: compact, and fsynced only once the run has ended.
         self.session.files.write_json(f"monitor_logs/{self.run_id}_summary.json", summary,
                                       pretty=False, durable=status != "running")

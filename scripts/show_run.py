@@ -37,7 +37,7 @@ def show_train(run: Path, run_id: str) -> None:
     part = meta["participation"]
     print(f"world_size={meta['world_size']} backend={meta['backend']} "
           f"participation={part['decision']} ({part['statistics']} statistics)")
-    records = lines_of(logs / f"{run_id}.jsonl")
+    records = [r for r in lines_of(logs / f"{run_id}.jsonl") if "metrics" in r]  # no alerts
     print(f"train: {len(records)} records in monitor_logs/{run_id}.jsonl")
     for rec in records[:1] + records[-1:]:
         shown = "  ".join(f"{k}: {fmt(v)}" for k, v in rec["metrics"].items())

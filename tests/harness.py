@@ -33,7 +33,8 @@ def _report(results, message) -> None:
     results.join_thread()
 
 
-def _child(fn, rank, world_size, store_path, init, env, kwargs, results):
+def _child(fn, rank, world_size, store_path, init, env, kwargs, results,
+           group_timeout=GROUP_TIMEOUT_S, teardown=True):
     os.environ.update({k: v.format(rank=rank) for k, v in (env or {}).items()})
     import torch
     import torch.distributed as dist
@@ -44,28 +45,37 @@ def _child(fn, rank, world_size, store_path, init, env, kwargs, results):
             store = dist.FileStore(store_path, world_size)
             dist.init_process_group(
                 "gloo", store=store, rank=rank, world_size=world_size,
-                timeout=timedelta(seconds=GROUP_TIMEOUT_S),
+                timeout=timedelta(seconds=group_timeout),
             )
         value = fn(rank, world_size, **kwargs)
     except BaseException:  # report everything, including KeyboardInterrupt/SystemExit
         _report(results, (rank, "error", traceback.format_exc()))
         return
     _report(results, (rank, "ok", value))
+    if not teardown:  # a world where a rank died: no barrier can complete, leave at once
+        os._exit(0)
     if init:  # clean path only
         dist.barrier()
         dist.destroy_process_group()
         gc.collect()  # gloo threads end while the interpreter is alive
 
 
-def run_world(fn, world_size, tmp_path, *, timeout=90.0, init=True, env=None, **kwargs):
-    """Run ``fn`` on every rank of a fresh gloo world; returns the per-rank return values."""
+def run_world(fn, world_size, tmp_path, *, timeout=90.0, init=True, env=None,
+              group_timeout=GROUP_TIMEOUT_S, may_die=(), **kwargs):
+    """Run ``fn`` on every rank of a fresh gloo world; returns the per-rank return values.
+
+    ``group_timeout``: seconds of ``init_process_group(timeout=)``. ``may_die``: ranks that
+    are meant to die (fault injection): they are not waited for, their return value is
+    None, and no rank tears the group down (no barrier a dead rank could answer).
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     store_path = str(tmp_path / f"store-{time.monotonic_ns()}")
     procs = [
         ctx.Process(
             target=_child,
-            args=(fn, rank, world_size, store_path, init, env, kwargs, results),
+            args=(fn, rank, world_size, store_path, init, env, kwargs, results, group_timeout,
+                  not may_die),
             daemon=True,
         )
         for rank in range(world_size)
@@ -75,7 +85,8 @@ def run_world(fn, world_size, tmp_path, *, timeout=90.0, init=True, env=None, **
     done, errors = {}, {}
     deadline = time.monotonic() + timeout
     try:
-        while len(done) + len(errors) < world_size:
+        awaited = [r for r in range(world_size) if r not in may_die]
+        while any(r not in done and r not in errors for r in awaited):
             now = time.monotonic()
             if now >= deadline:
                 break
@@ -83,9 +94,13 @@ def run_world(fn, world_size, tmp_path, *, timeout=90.0, init=True, env=None, **
                 rank, status, payload = results.get(timeout=min(0.2, deadline - now))
             except queue.Empty:
                 for rank, p in enumerate(procs):
+                    if rank in may_die:
+                        continue
                     if p.exitcode not in (None, 0) and rank not in done and rank not in errors:
                         errors[rank] = f"rank {rank} exited with code {p.exitcode} without a report"
                 continue
+            if status != "ok" and rank in may_die:
+                continue  # the injected fault: a rank that raised is meant to
             (done if status == "ok" else errors)[rank] = payload
             if errors:
                 deadline = min(deadline, time.monotonic() + GRACE_S)
@@ -95,10 +110,10 @@ def run_world(fn, world_size, tmp_path, *, timeout=90.0, init=True, env=None, **
                 p.kill()
         for p in procs:
             p.join(5)
-    missing = [r for r in range(world_size) if r not in done and r not in errors]
+    missing = [r for r in awaited if r not in done and r not in errors]
     if errors or missing:
         parts = [f"--- rank {r} failed ---\n{tb}" for r, tb in sorted(errors.items())]
         if missing:
             parts.append(f"--- ranks {missing} did not finish within {timeout:g} s (killed) ---")
         raise WorldFailure("\n".join(parts))
-    return [done[r] for r in range(world_size)]
+    return [done.get(r) for r in range(world_size)]

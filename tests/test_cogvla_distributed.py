@@ -9,7 +9,7 @@ import pytest
 from cogvla_workers import observers_that_differ, observers_world, public_script, rank_inputs
 from harness import run_world
 from reference import assert_matches, reference_stats
-from workers import read_jsonl
+from workers import read_jsonl, read_records
 
 pytestmark = pytest.mark.distributed
 
@@ -104,7 +104,7 @@ def test_observer_streams_reduced_over_ranks_equal_numpy_over_every_ranks_inputs
                     steps=steps, calls_per_step=calls)
     labels = [0, 2, 4, 5]
     want = _reference(world_size, steps, calls, labels)
-    lfp = read_jsonl(run_dir / "lfp_logs" / "obs.jsonl")
+    lfp = read_records(run_dir / "lfp_logs" / "obs.jsonl")
     assert [r["step"] for r in lfp] == labels
     for rec in lfp:
         w, m = want[rec["step"]], rec["metrics"]
@@ -119,9 +119,9 @@ def test_observer_streams_reduced_over_ranks_equal_numpy_over_every_ranks_inputs
                 "max": w["p"]["max"], "count": 2 * w["p"]["count"],
                 "nonfinite": 2 * w["p"]["nonfinite"]}
         assert_matches(m["overall/p_keep"], both)
-    film = read_jsonl(run_dir / "film_logs" / "obs.jsonl")
-    moe = read_jsonl(run_dir / "moe_logs" / "obs.jsonl")
-    aggr = read_jsonl(run_dir / "aggr_logs" / "obs.jsonl")
+    film = read_records(run_dir / "film_logs" / "obs.jsonl")
+    moe = read_records(run_dir / "moe_logs" / "obs.jsonl")
+    aggr = read_records(run_dir / "aggr_logs" / "obs.jsonl")
     for f, mo, ag in zip(film, moe, aggr):
         w = want[f["step"]]
         assert_matches(f["metrics"]["dino/layer_00/gamma_norm"], w["gamma_norm"])

@@ -51,7 +51,7 @@ def test_flush_matches_numpy_over_all_ranks_values(tmp_path, world_size):
                     run_id="r", plan=plan, interval=5, kinds=kinds)
     labels = due_labels(steps, 5)
     want = expected_records(plan, labels)
-    got = workers.read_jsonl(run_dir / "monitor_logs" / "r.jsonl")
+    got = workers.read_records(run_dir / "monitor_logs" / "r.jsonl")
     assert [r["step"] for r in got] == labels
     for rec in got:
         assert list(rec) == ["step", "mode", "time", "world_size", "metrics"]
@@ -187,8 +187,8 @@ def test_world_of_three_equals_one_process_over_the_concatenated_inputs(tmp_path
                                 for k in plan[0][i][2]})
                for i, step in enumerate(steps)]]
     workers.log_plan(0, 1, str(tmp_path / "one"), "c", single, interval=4)
-    world = workers.read_jsonl(tmp_path / "world" / "monitor_logs" / "c.jsonl")
-    one = workers.read_jsonl(tmp_path / "one" / "monitor_logs" / "c.jsonl")
+    world = workers.read_records(tmp_path / "world" / "monitor_logs" / "c.jsonl")
+    one = workers.read_records(tmp_path / "one" / "monitor_logs" / "c.jsonl")
     assert [r["step"] for r in world] == [r["step"] for r in one] == [4, 8, 12]
     for w, o in zip(world, one):
         assert w["metrics"].keys() == o["metrics"].keys()

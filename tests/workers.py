@@ -113,6 +113,11 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def read_records(path) -> list[dict]:
+    """The metric records of a JSONL stream (no alert or resume lines)."""
+    return [r for r in read_jsonl(path) if "metrics" in r]
+
+
 def log_plan_per_rank_dir(rank, world_size, pattern, plan):
     """Every rank points at its own folder: only rank 0's may exist afterwards."""
     run_dir = pattern.format(rank=rank)

@@ -250,32 +250,43 @@ class CogVLAMonitoring:
 
     def finalize(self, status: str = "completed") -> dict[str, str]:
         """Write what is pending (one fused flush), the summaries and meta; remove every
-        hook. Idempotent. Returns the summary path of each part that is on."""
-        if self._paths is not None:
-            return dict(self._paths)
+        hook. Idempotent. Returns the summary path of each part that is on.
+
+        ``status="failed"`` writes the summaries and meta without a collective (what the
+        context manager form does when the block raised).
+        """
         if status not in ("completed", "failed"):
             raise ValueError(f"status must be 'completed' or 'failed', got {status!r}")
+        return self._finish(status, None)
+
+    def _finish(self, status: str, error: str | None) -> dict[str, str]:
+        if self._paths is not None:
+            return dict(self._paths)
         paths: dict[str, str] = {}
         try:
             if status == "completed":
                 self.session.scheduler.flush(list(self.session.scheduler.streams))
-        except BaseException:
-            status = "failed"
+        except BaseException as exc:
+            status, error = "failed", type(exc).__name__
             raise
         finally:
             if self.train_monitor is not None:
                 # flushes only what the fused flush did not take (eval values left pending)
-                paths["train"] = self.train_monitor._finish(status, None)
+                paths["train"] = self.train_monitor._finish(status, error)
             for part, obs in self.observers.items():
-                paths[part] = obs.finalize(status, flush=False)
+                paths[part] = obs.finalize(status, flush=False, error=error)
             self._paths = paths
+            self.session.finish(status, error)
         return dict(paths)
 
     def __enter__(self) -> CogVLAMonitoring:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.finalize("completed" if exc_type is None else "failed")
+        if exc_type is None:
+            self._finish("completed", None)
+        else:
+            self._finish("failed", exc_type.__name__)
 
 
 __all__ = [
