@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import pytest
 import torch
@@ -393,21 +391,17 @@ def test_bf16_autocast_step(cfg):
     assert torch.isfinite(loss)
 
 
-def test_training_step_is_fast_on_one_thread(cfg):
+def test_the_stand_in_stays_small_enough_for_a_cpu(cfg):
+    """What keeps a step fast, counted instead of timed: parameters and FLOPs of one
+    forward + backward at batch 2 (about 0.4 s on one thread of the dev machine)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     vla = build_tiny_cogvla(cfg, 0)
     batch = synthetic_batch(cfg, 2, gen(), proprio_projector=build_proprio_projector(cfg))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            vla.zero_grad(set_to_none=True)
-            vla(**batch).loss.backward()
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    assert statistics.median(times) < 2.0  # ~0.4 s measured; loose for loaded CI machines
+    with FlopCounterMode(display=False) as flops:
+        vla(**batch).loss.backward()
+    assert sum(p.numel() for p in vla.parameters()) < 3_000_000  # 2.58 M measured
+    assert flops.get_total_flops() < 6e9  # 4.69 GFLOP measured
 
 
 def ddp_step(rank, world_size):
