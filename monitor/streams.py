@@ -67,6 +67,8 @@ class FlushScheduler:
         self._device = device
         self.streams: list[Stream] = []
         self.current: int | None = None
+        self.first_step: int | None = None
+        """The first step this process saw (None until the first ``advance``)."""
         self._warned_backwards = False
 
     def add(self, stream: Stream) -> None:
@@ -80,6 +82,8 @@ class FlushScheduler:
 
     def advance(self, step: int) -> None:
         """The run is at ``step``: flush what an earlier step made due, then mark new dues."""
+        if self.first_step is None:
+            self.first_step = step
         if self.current is not None and step > self.current:
             # every pending label is <= current < step
             self.flush([s for s in self.streams if s.pending is not None])
