@@ -14,7 +14,7 @@ import platform
 import socket
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
