@@ -99,6 +99,12 @@ def test_add_listener_refuses_an_object_without_publish_and_close(tmp_path):
         session.add_listener(lambda *a: None)
 
 
+def test_monitor_on_a_shared_session_refuses_integration_arguments(tmp_path):
+    session = MonitorSession(tmp_path / "r", "r")
+    with pytest.raises(ValueError, match="add_integrations"):
+        Monitor(session=session, tensorboard=True)
+
+
 def test_first_step_is_the_first_step_this_process_saw(tmp_path):
     mon = Monitor(run_dir=tmp_path / "r", run_id="r", log_interval=5, console=False)
     assert mon.session.first_step is None
