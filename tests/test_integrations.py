@@ -204,17 +204,20 @@ def test_tensorboard_on_resume_hides_the_dead_segments_overlap(tmp_path):
     assert loss == [(0, 1.0), (5, 1.0), (10, 2.0), (15, 2.0), (20, 2.0), (25, 2.0), (30, 2.0)]
 
 
-def test_tensorboard_without_the_package_names_the_extra_and_writes_nothing(tmp_path,
+def test_tensorboard_or_wandb_without_the_package_names_the_extra_and_writes_nothing(tmp_path,
                                                                              monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name in ("tensorboard", "wandb") else real(name, *a))
     with pytest.raises(ImportError, match=r'pip install "monitor\[tensorboard\]"'):
         CogVLAMonitoring(run_dir=tmp_path / "r", run_id="r",
                          cfg=CogVLAMonitoringConfig(enable_tensorboard=True))
     with pytest.raises(ImportError, match=r'monitor\[tensorboard\]'):
         Monitor(run_dir=tmp_path / "m", run_id="m", tensorboard=True)
-    assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()
+    with pytest.raises(ImportError, match=r'pip install "monitor\[wandb\]"'):
+        CogVLAMonitoring(run_dir=tmp_path / "w", run_id="w",
+                         cfg=CogVLAMonitoringConfig(enable_wandb=True))
+    assert not any((tmp_path / d).exists() for d in ("r", "m", "w"))
 
 
 # -- W&B --------------------------------------------------------------------------------

@@ -61,6 +61,12 @@ def test_read_run_as_pandas_has_flat_columns(demo_run):
     assert "histograms" not in run["moe"].to_pandas("detailed").columns
 
 
+def test_to_pandas_without_pandas_names_the_extra(demo_run, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "monitor\[pandas\]"'):
+        monitor.read_run(demo_run)["train"].to_pandas()
+
+
 def test_read_run_skips_a_last_line_cut_short_and_refuses_a_corrupt_middle_line(tmp_path):
     mon = Monitor(run_dir=tmp_path / "r", run_id="r", log_interval=1, console=False)
     for step in range(3):
