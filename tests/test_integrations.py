@@ -204,8 +204,8 @@ def test_tensorboard_on_resume_hides_the_dead_segments_overlap(tmp_path):
     assert loss == [(0, 1.0), (5, 1.0), (10, 2.0), (15, 2.0), (20, 2.0), (25, 2.0), (30, 2.0)]
 
 
-def test_tensorboard_or_wandb_without_the_package_names_the_extra_and_writes_nothing(tmp_path,
-                                                                             monkeypatch):
+def test_tensorboard_or_wandb_without_the_package_names_the_extra_and_writes_nothing(
+        tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
                         if name in ("tensorboard", "wandb") else real(name, *a))
