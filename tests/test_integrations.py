@@ -318,6 +318,31 @@ def test_wandb_offline_run_holds_the_monitor_names(tmp_path, monkeypatch):
     assert last["monitor/moe/dino_weight/hist/bins"] == pytest.approx(hist["edges"])
 
 
+def test_wandb_offline_run_the_script_started_gets_the_records_and_stays_open(tmp_path,
+                                                                              monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                       "WANDB_DISABLE_GIT": "true", "WANDB_CONSOLE": "off",
+                       "WANDB_CONFIG_DIR": str(tmp_path / "cfg"),
+                       "WANDB_CACHE_DIR": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    run = wandb.init(project="script", dir=str(tmp_path))
+    try:
+        run.log({"script/own": 1.0}, step=0)
+        mon = Monitor(run_dir=tmp_path / "r", run_id="r", log_interval=2, console=False)
+        train_steps(mon, range(5))
+        mon.finalize()
+        assert wandb.run is run  # the script's run: logged into, never finished
+        run.log({"script/own": 2.0}, step=6)
+    finally:
+        run.finish()
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    rows = wandb_history(run_file)
+    assert [(r["_step"], r.get("monitor/train/loss")) for r in rows] == [
+        (0, 0.0), (2, 1.5), (4, 3.5), (6, None)]
+    assert rows[0]["script/own"] == 1.0
+
+
 # -- console ----------------------------------------------------------------------------
 
 def test_console_logs_one_line_per_train_record_with_throughput(tmp_path, caplog):
