@@ -43,8 +43,14 @@ class TensorBoardListener:
         if kind == "alert":
             writer.add_text(f"monitor/{part}/alert", json.dumps(record["alert"]), step,
                             walltime=walltime)
-        for name, value in names.scalars(part, kind, record):
-            writer.add_scalar(name, value, step, walltime=walltime)
+        # one event holding every scalar of the record (5x faster than one add_scalar each
+        # for an LFP record's 700 values; TensorBoard reads them as the same scalars)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=name, simple_value=value)
+                  for name, value in names.scalars(part, kind, record)]
+        if values:
+            writer.file_writer.add_summary(Summary(value=values), step, walltime)
         for name, hist in names.histograms(part, kind, record):
             writer.add_histogram_raw(name, walltime=walltime, global_step=step,
                                      **histogram_fields(hist))
