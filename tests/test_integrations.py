@@ -7,6 +7,7 @@ import json
 import logging
 import struct
 import sys
+import time
 import types
 import warnings
 
@@ -263,14 +264,13 @@ def test_a_failing_wandb_run_warns_once_and_training_goes_on(tmp_path, monkeypat
     assert len(read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")) == 3
 
 
-def wandb_history(run_file):
-    """The history rows of an offline run's ``.wandb`` file (W&B's leveldb-style log of
-    ``Record`` protobufs: 7-byte file header, 32 KiB blocks, 7-byte chunk headers)."""
+def wandb_records(data: bytes):
+    """The ``Record`` protobufs of a ``.wandb`` file's bytes (W&B's leveldb-style log:
+    7-byte file header, 32 KiB blocks, 7-byte chunk headers)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = run_file.read_bytes()
     assert data[:4] == b":W&B"
-    pos, block, buf, rows = 7, 32768, b"", []
+    pos, block, buf = 7, 32768, b""
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7:
@@ -286,10 +286,24 @@ def wandb_history(run_file):
             record = pb.Record()
             record.ParseFromString(buf)
             buf = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
-    return rows
+            yield record
+
+
+def wandb_history(run_file, timeout=60.0):
+    """The history rows of an offline run's ``.wandb`` file, once W&B wrote its exit
+    record: W&B's service writes the file after ``finish()`` returns (seen: 1 run in 15
+    still held only the header). Waits at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(run_file.read_bytes()))
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{run_file}: no exit record after {timeout:g} s")
+        time.sleep(0.1)
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
+             for item in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
 
 
 def test_wandb_offline_run_holds_the_monitor_names(tmp_path, monkeypatch):
