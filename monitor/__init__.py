@@ -9,6 +9,10 @@ Public entry points:
   ``MoERouterObserver``, ``AggregationObserver``) fed by model adapters;
   ``monitor.pruning.adapters.cogvla.CogVLAMonitoring`` is the CogVLA facade.
 
+* :func:`monitor.read_run`: a run's log tree read back as lists of dicts (or DataFrames).
+* ``python -m monitor report RUN_DIR`` / ``compare RUN_A RUN_B``: tables and PNG plots.
+* :mod:`monitor.integrations`: TensorBoard, W&B and the console line.
+
 See ``monitor/README.md`` for the log tree and every field.
 """
 
@@ -21,10 +25,11 @@ from monitor.pruning import (  # noqa: E402
     MoERouterObserver,
     PruningObserver,
 )
+from monitor.readback import PartLog, RunLog, read_run
 from monitor.session import MonitorSession
 from monitor.sinks import RunDirLockedError
 from monitor.train import Monitor, StepHandle
 
 __all__ = ["AggregationObserver", "FiLMObserver", "Monitor", "MoERouterObserver",
-           "MonitorSession", "Observer", "PruningObserver", "RankMismatchError",
-           "RunDirLockedError", "StepHandle", "__version__"]
+           "MonitorSession", "Observer", "PartLog", "PruningObserver", "RankMismatchError",
+           "RunDirLockedError", "RunLog", "StepHandle", "__version__", "read_run"]

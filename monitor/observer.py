@@ -298,6 +298,7 @@ class Observer:
         rec = record(label, None, self.session.world_size, metrics)
         rec.update(out)
         self._sinks[kind].write(rec)
+        self.session.publish(self.part, kind, rec)
         self._summary.add(label, kind, metrics)
         if kind == "events":
             self.last_metrics, self.last_step = metrics, label
@@ -349,6 +350,7 @@ class Observer:
                "alert": alert}
         self.alerts.append(rec)
         self._sinks["events"].write(rec)
+        self.session.publish(self.part, "alert", rec)
         if self.session.world.is_writer:
             log.warning("monitor %s alert at step %d: %s", self.part, step, alert)
 

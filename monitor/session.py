@@ -105,6 +105,8 @@ class MonitorSession:
                 RuntimeWarning,
                 stacklevel=3,
             )
+        self._listeners: list[Listener] = []
+        self._closed_listeners = False
         self.meta_path = f"monitor_logs/{run_id}_meta.json"
         self.meta = self._initial_meta(config_name, config)
         self._write_meta()
@@ -126,6 +128,54 @@ class MonitorSession:
     def degraded(self) -> bool:
         """True once a write on this rank failed (see :class:`monitor.sinks.WriteHealth`)."""
         return self.files.health.degraded
+
+    # -- listeners: integrations fed with the records rank 0 writes ------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener.publish(part, kind, record)`` after each record rank 0 writes,
+        and ``listener.close()`` when the run is finalized (see ``monitor.integrations``).
+
+        ``part`` is ``"train"`` or an observer's part (``"lfp"``, ...); ``kind`` is the
+        mode for training records, else ``"events"``, ``"detailed"`` or ``"alert"``.
+        Records are the plain dicts of the JSONL files, already reduced: a listener adds no
+        collective and no host sync. Only the writing rank keeps listeners (elsewhere this
+        does nothing). A listener that raises is warned about once and dropped.
+        """
+        if not (callable(getattr(listener, "publish", None))
+                and callable(getattr(listener, "close", None))):
+            raise TypeError("a listener needs publish(part, kind, record) and close() methods, "
+                            f"got {type(listener).__name__}")
+        if self.world.is_writer and not self._closed_listeners:
+            self._listeners.append(listener)
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return list(self._listeners)
+
+    def publish(self, part: str, kind: str, record: dict) -> None:
+        """Hand a record that was just written to every listener (rank 0 only)."""
+        for listener in list(self._listeners):
+            try:
+                listener.publish(part, kind, record)
+            except Exception as exc:  # noqa: BLE001 - an integration must not kill training
+                self._drop_listener(listener, "publish", exc)
+
+    def close_listeners(self) -> None:
+        """Close every listener (at finalize). Idempotent."""
+        self._closed_listeners = True
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            try:
+                listener.close()
+            except Exception as exc:  # noqa: BLE001 - finalize must complete
+                self._drop_listener(listener, "close", exc)
+
+    def _drop_listener(self, listener: Listener, what: str, exc: Exception) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+        warnings.warn(f"monitor: {type(listener).__name__}.{what} failed "
+                      f"({type(exc).__name__}: {exc}); that integration is turned off, "
+                      "training and the JSONL logs go on", RuntimeWarning, stacklevel=4)
 
     @property
     def device(self) -> torch.device:
@@ -289,6 +339,16 @@ class _ExitGuard:
 def _before(rec: dict, first: int) -> bool:
     step = rec.get("step")
     return not isinstance(step, int) or step < first
+
+
+class Listener:
+    """What ``MonitorSession.add_listener`` takes (any object with these two methods)."""
+
+    def publish(self, part: str, kind: str, record: dict) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 def _plain(config) -> dict | None:

@@ -41,6 +41,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping
 
+from monitor.integrations import add_integrations, require
 from monitor.records import SummaryTracker, metrics_of, record
 from monitor.schedule import check_step
 from monitor.session import MonitorSession
@@ -129,6 +130,14 @@ class Monitor:
         session: share an existing session (the CogVLA facade does); then the run and
             participation arguments above are taken from it, and due train records are
             reduced together with the session's other due streams.
+        tensorboard: rank 0 also writes TensorBoard events to ``{run_dir}/tensorboard/``
+            (needs ``pip install "monitor[tensorboard]"``).
+        wandb: ``None`` logs into an existing ``wandb.run`` when there is one, ``True``
+            also starts one (``pip install "monitor[wandb]"``), ``False`` never logs.
+        console: a one-line summary through ``logging.getLogger("monitor")`` at each
+            train record (rank 0).
+        The last three apply when the monitor builds its own session; with ``session=``,
+        whoever built it adds integrations (``monitor.integrations.add_integrations``).
     """
 
     def __init__(
@@ -142,18 +151,30 @@ class Monitor:
         participation: str = "auto",
         participation_timeout: float | None = None,
         session: MonitorSession | None = None,
+        tensorboard: bool = False,
+        wandb: bool | None = None,
+        console: bool = True,
     ) -> None:
         train = _ModeStream(self, "train", log_interval)
         self.log_interval = log_interval
         self._owns_session = session is None
+        if session is not None and (tensorboard or wandb):
+            raise ValueError("tensorboard=/wandb= apply to a monitor that builds its own "
+                             "session; with session= call monitor.integrations."
+                             "add_integrations(session, ...) instead")
         if session is None:
             if run_dir is None or run_id is None:
                 raise TypeError("Monitor needs run_dir and run_id (or a session)")
+            if tensorboard:  # a missing extra fails before any file is written
+                require("tensorboard", "tensorboard", "tensorboard=True")
+            if wandb:
+                require("wandb", "wandb", "wandb=True")
             meta_config = {**(dict(config) if config else {}), "log_interval": log_interval}
             session = MonitorSession(
                 run_dir, run_id, config_name=config_name, config=meta_config,
                 participation=participation, participation_timeout=participation_timeout,
             )
+            add_integrations(session, tensorboard=tensorboard, wandb=wandb, console=console)
         self.session = session
         self.run_id = session.run_id
         self._scheduler = session.scheduler
@@ -258,6 +279,7 @@ class Monitor:
             self._scheduler.remove(self._streams["train"])
             self._write_summary(status, error)
             if self._owns_session:
+                self.session.close_listeners()
                 self.session.finish(status, error)
             else:
                 self.session.update_meta(end_time=time.time(), status=status, error=error)
@@ -277,7 +299,9 @@ class Monitor:
     def _write_record(self, step: int, mode: str, metrics: dict) -> None:
         if not metrics:
             return
-        self._sink.write(record(step, mode, self.session.world_size, metrics))
+        rec = record(step, mode, self.session.world_size, metrics)
+        self._sink.write(rec)
+        self.session.publish("train", mode, rec)
         self._summary.add(step, mode, metrics)
         for name, value in metrics.items():
             if value["nonfinite"] and (mode, name) not in self._nonfinite_seen:
@@ -293,6 +317,7 @@ class Monitor:
                "alert": alert}
         self.alerts.append(rec)
         self._sink.write(rec)
+        self.session.publish("train", "alert", rec)
         if self.session.world.is_writer:
             log.warning("monitor alert at step %d: %s", step, alert)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
+import logging
 import math
 import os
 import warnings
@@ -37,6 +39,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--event-interval", type=int, default=5, help="pruning_event_log_interval")
     p.add_argument("--detailed-interval", type=int, default=15, help="detailed_log_interval")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
+                   default=importlib.util.find_spec("tensorboard") is not None,
+                   help="enable_tensorboard (default: on when tensorboard is installed)")
+    p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+                   help="enable_wandb (default: only into an existing wandb.run; with "
+                        "--wandb and WANDB_MODE=offline the run goes to RUN_DIR/wandb/)")
     return p.parse_args()
 
 
@@ -46,6 +54,8 @@ def main() -> None:
     if distributed:
         dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    logging.basicConfig(level=logging.INFO, format="[rank %d] %%(message)s" % rank)
     torch.manual_seed(0)
     cfg = TinyCogVLAConfig()
     vla = build_tiny_cogvla(cfg, seed=0)
@@ -59,8 +69,9 @@ def main() -> None:
         enable_train_monitor=True, enable_lfp_monitor=True, enable_film_monitor=True,
         enable_moe_monitor=True, enable_aggr_monitor=True,
         monitor_log_interval=args.log_interval, detailed_log_interval=args.detailed_interval,
-        pruning_event_log_interval=args.event_interval, enable_tensorboard=False,
-        film_sample_layers=[0, 9, 18, 26],
+        pruning_event_log_interval=args.event_interval, enable_tensorboard=args.tensorboard,
+        enable_wandb=args.wandb, film_sample_layers=[0, 9, 18, 26],
+        console_samples_per_step=args.batch_size * args.grad_accumulation * world,
     )
     monitor = CogVLAMonitoring(run_dir=args.run_dir, run_id=args.run_id,
                                config_name="synthetic-libero", cfg=monitor_cfg)

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from monitor.integrations import add_integrations, require
 from monitor.observer import Observer
 from monitor.pruning.adapters import unwrap
 from monitor.pruning.adapters.cogvla_wiring import (
@@ -74,7 +75,16 @@ class CogVLAMonitoringConfig:
     pruning_event_log_interval: int = 10
     """Steps between compact observer records (and ``get_summary()`` updates)."""
     enable_tensorboard: bool = False
-    """TensorBoard event files: not written by this version (a warning says so)."""
+    """Rank 0 writes TensorBoard events to ``{run_dir}/tensorboard/`` (``monitor[tensorboard]``)."""
+    enable_wandb: bool | None = None
+    """``None``: log into an existing ``wandb.run``; ``True``: that, or start a run;
+    ``False``: never (``monitor[wandb]``)."""
+    wandb_project: str | None = None
+    """Project of a W&B run the monitor starts (``enable_wandb=True``; default "monitor")."""
+    console: bool = True
+    """A ``logging`` line on rank 0 at each train record (step, loss, lr, throughput)."""
+    console_samples_per_step: int | None = None
+    """Global batch size, to show samples/s in the console line."""
     film_sample_layers: list[int] = field(default_factory=lambda: [0, 9, 18, 26])
     """ViT block indices whose FiLM gamma/beta are observed, in each encoder."""
     moe_collapse_threshold: float = 0.95
@@ -88,11 +98,21 @@ class CogVLAMonitoringConfig:
 
     def __post_init__(self) -> None:
         for name in ("enable_train_monitor", "enable_lfp_monitor", "enable_film_monitor",
-                     "enable_moe_monitor", "enable_aggr_monitor", "enable_tensorboard"):
+                     "enable_moe_monitor", "enable_aggr_monitor", "enable_tensorboard",
+                     "console"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"CogVLAMonitoringConfig.{name} must be a bool, "
                                 f"got {value!r}")
+        if self.enable_wandb is not None and not isinstance(self.enable_wandb, bool):
+            raise TypeError("CogVLAMonitoringConfig.enable_wandb must be a bool or None, "
+                            f"got {self.enable_wandb!r}")
+        if self.wandb_project is not None and not isinstance(self.wandb_project, str):
+            raise TypeError("CogVLAMonitoringConfig.wandb_project must be a str or None, "
+                            f"got {self.wandb_project!r}")
+        if self.console_samples_per_step is not None:
+            check_interval("CogVLAMonitoringConfig.console_samples_per_step",
+                           self.console_samples_per_step)
         for name in ("monitor_log_interval", "detailed_log_interval",
                      "pruning_event_log_interval", "moe_collapse_patience"):
             check_interval(f"CogVLAMonitoringConfig.{name}", getattr(self, name))
@@ -150,6 +170,10 @@ class CogVLAMonitoring:
         if not isinstance(cfg, CogVLAMonitoringConfig):
             raise TypeError(f"cfg must be a CogVLAMonitoringConfig, got {type(cfg).__name__}")
         self.cfg = cfg
+        if cfg.enable_tensorboard:  # a missing extra fails before any file is written
+            require("tensorboard", "tensorboard", "enable_tensorboard=True")
+        if cfg.enable_wandb:
+            require("wandb", "wandb", "enable_wandb=True")
         self.session = MonitorSession(run_dir, run_id, config_name=config_name,
                                       config=asdict(cfg), participation=cfg.participation,
                                       participation_timeout=cfg.participation_timeout)
@@ -166,10 +190,9 @@ class CogVLAMonitoring:
         ) if cfg.enable_moe_monitor else None
         self.aggr_observer = AggregationObserver(s, **intervals) if cfg.enable_aggr_monitor \
             else None
-        if cfg.enable_tensorboard:
-            warnings.warn("monitor: enable_tensorboard is not supported by this version yet; "
-                          "no TensorBoard files are written (the JSONL streams have every "
-                          "record)", RuntimeWarning, stacklevel=2)
+        add_integrations(s, tensorboard=cfg.enable_tensorboard, wandb=cfg.enable_wandb,
+                         wandb_project=cfg.wandb_project, console=cfg.console,
+                         samples_per_step=cfg.console_samples_per_step)
         self._attached: torch.nn.Module | None = None
         self._paths: dict[str, str] | None = None
         self._warned_no_train = False
@@ -275,6 +298,7 @@ class CogVLAMonitoring:
                 paths["train"] = self.train_monitor._finish(status, error)
             for part, obs in self.observers.items():
                 paths[part] = obs.finalize(status, flush=False, error=error)
+            self.session.close_listeners()
             self._paths = paths
             self.session.finish(status, error)
         return dict(paths)

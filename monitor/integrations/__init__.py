@@ -1,0 +1,67 @@
+"""Integrations: TensorBoard, W&B and a console line, fed with the records rank 0 writes.
+
+Each integration is a listener of the run's :class:`~monitor.session.MonitorSession`
+(``session.add_listener``): after rank 0 appends a record to its JSONL file, the session
+hands the same plain dict to every listener (``publish(part, kind, record)``), and
+``close()`` is called when the run is finalized. Listeners only read host values that the
+flush already reduced: they add no collective and no host-device sync, and only rank 0
+holds them. One that raises at run time is warned about once and turned off; training and
+the JSONL logs go on.
+
+Flat names (TensorBoard tags, W&B keys) come from :mod:`monitor.integrations.names`:
+``monitor/<part>/<key>`` is the mean, ``.../std``, ``.../min``, ``.../max`` the rest.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from monitor.session import MonitorSession
+
+
+def require(module: str, extra: str, setting: str) -> None:
+    """Raise ImportError naming the extra to install when ``module`` is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{setting} needs the {module!r} package, which is not installed: "
+                          f'pip install "monitor[{extra}]"')
+
+
+def add_integrations(session: MonitorSession, *, tensorboard: bool = False,
+                     wandb: bool | None = None, wandb_project: str | None = None,
+                     console: bool = True, samples_per_step: int | None = None) -> None:
+    """Add the chosen integrations to ``session`` (call it on every rank).
+
+    Args:
+        tensorboard: write TensorBoard events to ``{run_dir}/tensorboard/``.
+        wandb: ``None``: log into ``wandb.run`` when one exists at a record (never starts
+            one); ``True``: log into it, or start one (``wandb.init``) at the first record;
+            ``False``: never.
+        wandb_project: the project of a run this starts (default ``"monitor"``).
+        console: one ``logging`` line per train record (logger ``"monitor"``, INFO).
+        samples_per_step: global batch size, for the console's samples/s (else omitted).
+
+    Raises:
+        ImportError: an integration is turned on but its package is missing (on every
+            rank, so that no rank goes on alone).
+    """
+    if tensorboard:
+        require("tensorboard", "tensorboard", "tensorboard=True (enable_tensorboard)")
+    if wandb:
+        require("wandb", "wandb", "wandb=True (enable_wandb)")
+    if not session.world.is_writer:
+        return
+    if tensorboard:
+        from monitor.integrations.tensorboard import TensorBoardListener
+
+        session.add_listener(TensorBoardListener(session))
+    if wandb is not False:
+        from monitor.integrations.wandb import WandbListener
+
+        session.add_listener(WandbListener(session, create=bool(wandb), project=wandb_project))
+    if console:
+        from monitor.integrations.console import ConsoleListener
+
+        session.add_listener(ConsoleListener(samples_per_step=samples_per_step))
+
+
+__all__ = ["add_integrations", "require"]

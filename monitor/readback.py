@@ -1,0 +1,189 @@
+"""Reading a run's log tree back: ``monitor.read_run(run_dir)``.
+
+Example::
+
+    import monitor
+
+    run = monitor.read_run("runs/demo")
+    run.parts                                 # ['train', 'lfp', 'film', 'moe', 'aggr']
+    run["train"].records[-1]["metrics"]["loss"]["mean"]
+    run["moe"].alerts                         # alert records
+    df = run["lfp"].to_pandas()               # needs pandas: one row per compact record
+    df[["step", "overall/p_keep.mean"]]
+    run["lfp"].to_pandas("detailed")          # detailed records (histograms left out)
+    run.meta["participation"]["decision"], run["lfp"].summary["status"]
+
+Each part is a :class:`PartLog` with plain lists of dicts, exactly the JSONL lines:
+``records`` (compact, or the training records of every mode with their ``mode``),
+``detailed``, ``alerts``, and ``summary`` (the part's ``*_summary.json``, or None).
+A last line cut short (a run killed mid-write) is skipped; a bad line elsewhere raises.
+DataFrames have flat columns: ``step``, ``time``, ``world_size``, ``mode`` (training),
+then ``{metric}.{field}`` for ``mean``, ``std``, ``min``, ``max``, ``count``, ``nonfinite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FOLDERS = {"train": "monitor_logs", "lfp": "lfp_logs", "film": "film_logs",
+           "moe": "moe_logs", "aggr": "aggr_logs"}
+FIELDS = ("mean", "std", "min", "max", "count", "nonfinite")
+
+
+@dataclass
+class PartLog:
+    """One part's records, as plain dicts."""
+
+    name: str
+    records: list[dict] = field(default_factory=list)
+    detailed: list[dict] = field(default_factory=list)
+    alerts: list[dict] = field(default_factory=list)
+    summary: dict | None = None
+
+    def metric(self, key: str, stat: str = "mean", *, mode: str | None = "train",
+               detailed: bool = False) -> tuple[list[int], list[float | None]]:
+        """``(steps, values)`` of one metric's ``stat`` over the records that hold it
+        (training records of ``mode`` only; ``mode=None`` for observer parts)."""
+        steps, values = [], []
+        for rec in self.detailed if detailed else self.records:
+            if self.name == "train" and mode is not None and rec.get("mode") != mode:
+                continue
+            value = rec.get("metrics", {}).get(key)
+            if value is not None:
+                steps.append(rec["step"])
+                values.append(value.get(stat))
+        return steps, values
+
+    def metric_names(self, detailed: bool = False) -> list[str]:
+        """Every metric key seen, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for rec in self.detailed if detailed else self.records:
+            seen.update(dict.fromkeys(rec.get("metrics", {})))
+        return list(seen)
+
+    def to_pandas(self, which: str = "records"):
+        """A DataFrame of ``records``, ``detailed`` or ``alerts`` (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError('to_pandas() needs pandas: pip install "monitor[pandas]"') from exc
+        if which not in ("records", "detailed", "alerts"):
+            raise ValueError(f"which must be 'records', 'detailed' or 'alerts', got {which!r}")
+        rows = [flatten(rec) for rec in getattr(self, which)]
+        return pd.DataFrame(rows)
+
+
+def flatten(rec: dict) -> dict:
+    """One flat row: top-level scalars, ``{metric}.{field}``, ``alert.{key}``."""
+    row = {k: v for k, v in rec.items() if k not in ("metrics", "histograms", "alert")}
+    for key, value in rec.get("metrics", {}).items():
+        for f in FIELDS:
+            row[f"{key}.{f}"] = value.get(f)
+    for key, value in (rec.get("alert") or {}).items():
+        row[f"alert.{key}"] = value
+    return row
+
+
+@dataclass
+class RunLog:
+    """A run folder read back: ``meta`` and one :class:`PartLog` per part found."""
+
+    run_dir: Path
+    run_id: str
+    meta: dict | None
+    logs: dict[str, PartLog]
+
+    @property
+    def parts(self) -> list[str]:
+        return list(self.logs)
+
+    def __getitem__(self, part: str) -> PartLog:
+        try:
+            return self.logs[part]
+        except KeyError:
+            raise KeyError(f"run {self.run_id!r} has no {part!r} logs "
+                           f"(parts: {self.parts})") from None
+
+    def __contains__(self, part: str) -> bool:
+        return part in self.logs
+
+    def to_pandas(self) -> dict:
+        """``{part: DataFrame of its records}`` (needs pandas)."""
+        return {name: log.to_pandas() for name, log in self.logs.items()}
+
+    @property
+    def alerts(self) -> list[dict]:
+        """Every part's alert records, each with its ``part``, by step."""
+        out = [{**a, "part": name} for name, log in self.logs.items() for a in log.alerts]
+        return sorted(out, key=lambda a: a["step"])
+
+
+def read_run(run_dir: str | os.PathLike, run_id: str | None = None) -> RunLog:
+    """Read ``run_dir``'s log tree (see the module docstring).
+
+    Args:
+        run_dir: the run folder (``runs/{run_id}``).
+        run_id: which files, when the folder holds several runs' files (default: the one
+            meta file in ``monitor_logs/``, else the folder's name).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a folder.
+        ValueError: several runs' files and no ``run_id``, or a corrupt line.
+    """
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no run folder at {str(root)!r}")
+    run_id = run_id or _guess_run_id(root)
+    meta = _read_json(root / "monitor_logs" / f"{run_id}_meta.json")
+    logs = {}
+    for part, folder in FOLDERS.items():
+        stem = root / folder / run_id
+        events = Path(f"{stem}.jsonl")
+        if not events.exists():
+            continue
+        lines = read_jsonl(events)
+        log = PartLog(part, records=[r for r in lines if "alert" not in r],
+                      alerts=[r for r in lines if "alert" in r],
+                      summary=_read_json(Path(f"{stem}_summary.json")))
+        if part != "train":
+            log.detailed = read_jsonl(Path(f"{stem}_detailed.jsonl"))
+        logs[part] = log
+    return RunLog(root, run_id, meta, logs)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (missing: none; a cut-short last line is skipped)."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:  # no newline after it: a write cut short
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _guess_run_id(root: Path) -> str:
+    metas = sorted((root / "monitor_logs").glob("*_meta.json"))
+    if len(metas) == 1:
+        return metas[0].name[: -len("_meta.json")]
+    if len(metas) > 1:
+        ids = [m.name[: -len("_meta.json")] for m in metas]
+        raise ValueError(f"{str(root)!r} holds several runs {ids}: pass run_id=")
+    return root.name
