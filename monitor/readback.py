@@ -17,6 +17,8 @@ Each part is a :class:`PartLog` with plain lists of dicts, exactly the JSONL lin
 ``records`` (compact, or the training records of every mode with their ``mode``),
 ``detailed``, ``alerts``, and ``summary`` (the part's ``*_summary.json``, or None).
 A last line cut short (a run killed mid-write) is skipped; a bad line elsewhere raises.
+A resumed run reads as one history: the dead segment's records at steps the new segment
+did again are dropped, like the resume markers (``monitor.records.live_records``).
 DataFrames have flat columns: ``step``, ``time``, ``world_size``, ``mode`` (training),
 then ``{metric}.{field}`` for ``mean``, ``std``, ``min``, ``max``, ``count``, ``nonfinite``.
 """
@@ -27,6 +29,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from monitor.records import live_records
 
 FOLDERS = {"train": "monitor_logs", "lfp": "lfp_logs", "film": "film_logs",
            "moe": "moe_logs", "aggr": "aggr_logs"}
@@ -144,12 +148,12 @@ def read_run(run_dir: str | os.PathLike, run_id: str | None = None) -> RunLog:
         events = Path(f"{stem}.jsonl")
         if not events.exists():
             continue
-        lines = read_jsonl(events)
+        lines = live_records(read_jsonl(events))  # a resume's overlap and markers dropped
         log = PartLog(part, records=[r for r in lines if "alert" not in r],
                       alerts=[r for r in lines if "alert" in r],
                       summary=_read_json(Path(f"{stem}_summary.json")))
         if part != "train":
-            log.detailed = read_jsonl(Path(f"{stem}_detailed.jsonl"))
+            log.detailed = live_records(read_jsonl(Path(f"{stem}_detailed.jsonl")))
         logs[part] = log
     return RunLog(root, run_id, meta, logs)
 

@@ -140,3 +140,23 @@ def test_python_dash_m_monitor_runs(demo_run):
     out = subprocess.run([sys.executable, "-m", "monitor", "report", str(demo_run),
                           "--no-plots"], capture_output=True, text=True, check=True).stdout
     assert "== train: " in out
+
+
+def test_read_run_drops_a_resumed_runs_superseded_records_and_markers(tmp_path):
+    """Segment 1 died after writing steps 0..30; segment 2 resumed from step 20."""
+    from monitor import Monitor, read_run
+
+    run_dir = tmp_path / "run"
+    mon = Monitor(run_dir=run_dir, run_id="r", log_interval=10, participation="local")
+    for step in range(31):
+        with mon.step(step) as h:
+            h.log(loss=1.0)
+    # no finalize: the segment "dies" (the next session in this process shares the lock)
+    mon = Monitor(run_dir=run_dir, run_id="r", log_interval=10, participation="local")
+    for step in range(20, 41):
+        with mon.step(step) as h:
+            h.log(loss=2.0)
+    mon.finalize()
+    records = read_run(run_dir)["train"].records
+    assert [r["step"] for r in records] == [0, 10, 20, 30, 40]
+    assert [r["metrics"]["loss"]["mean"] for r in records] == [1.0, 1.0, 2.0, 2.0, 2.0]
