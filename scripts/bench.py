@@ -311,8 +311,9 @@ def real_width_rig(session, batch_size: int):
     LFP: 24 routers (``FiLMedTokenRouter``, input width 4096, on 1 + 128 + 48 tokens);
     FiLM: ``.scale``/``.shift`` outputs ``(B, 1024)`` for DINO layers 0/9/18 and ``(B, 1152)``
     for SigLIP layers 0/9/18/26; MoE: router logits ``(B, 2)``; aggregation: 64 tokens of
-    width 1024/1152 per encoder. Returns ``(observers, step)``: ``step()`` is one forward's
-    worth of hook calls (the router modules really run, so their cost is measured apart).
+    width 1024/1152 per encoder. Returns ``(observers, parts)``: ``parts[part]()`` makes one
+    forward's worth of that part's hook calls (the logits come from a real
+    ``FiLMedTokenRouter`` at width 4096, run once beforehand: its cost is the model's).
     """
     from monitor.pruning import (
         AggregationObserver,
