@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import time
 import warnings
@@ -182,7 +183,7 @@ def _poll(store, keys: list[str], timeout: float) -> bool:
         time.sleep(_POLL_S)
 
 
-def _code(text: str, nbytes: int = 7) -> int:
+def _code(text: str, nbytes: int = 6) -> int:  # 48 bits: exact in float64 too
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=nbytes).digest(), "big")
 
 
@@ -203,17 +204,53 @@ class Reducer:
         self.collective = collective
         self.device = device
         self._schemas: dict[tuple, tuple[bytes, int]] = {}
+        self.capacity = 0
+        """Rows the first collective of a flush carries with the header (agreed by every
+        rank: derived from reduced headers only). 0 until the first flush."""
 
     def reduce(self, layout: Layout, rows: torch.Tensor, step: int, mode: str):
+        """Two collectives per flush once the first flush has fixed the capacity (the
+        header rides on the MAX buffer); three at the first flush, when the rows outgrow
+        the capacity, or when ranks disagree on the names (the union path)."""
         if not self.collective:
             return layout, rows.cpu()  # host sync: once per flush
         blob, schema = self._schema(layout)
         num = rows.shape[0]
         mode_code = _code(mode)
         mine = [step, -step, mode_code, -mode_code, schema, -schema, num, -num, len(blob)]
-        header = torch.tensor(mine, dtype=torch.int64, device=self.device)
-        dist.all_reduce(header, op=dist.ReduceOp.MAX)
-        h = dict(zip(self.HEADER, header.tolist()))  # host sync: once per flush (header)
+        cap = self.capacity
+        if cap:
+            # one MAX buffer: the header (exact in float64: every value is below 2**53),
+            # then each row's max and -min, padded with -inf up to the capacity
+            fused = torch.full((len(mine) + 2 * cap,), -math.inf, dtype=stats.DTYPE,
+                               device=self.device)
+            fused[: len(mine)] = torch.tensor(mine, dtype=stats.DTYPE, device=self.device)
+            if num <= cap:  # else: the header says so and every rank falls back below
+                start = len(mine)
+                fused[start : start + num] = rows[:, stats.MAX]
+                fused[start + cap : start + cap + num] = -rows[:, stats.MIN]
+            dist.all_reduce(fused, op=dist.ReduceOp.MAX)
+            head = fused[: len(mine)].tolist()  # host sync: once per flush (header)
+            h = self._header(dict(zip(self.HEADER, (int(v) for v in head))), step, mode)
+            same = h["schema"] == -h["-schema"] and h["rows"] == -h["-rows"]
+            if same and h["rows"] <= cap:
+                start = len(mine)
+                hi, lo = fused[start : start + num], -fused[start + cap : start + cap + num]
+                return layout, self._sums(rows, lo, hi)
+        else:
+            header = torch.tensor(mine, dtype=torch.int64, device=self.device)
+            dist.all_reduce(header, op=dist.ReduceOp.MAX)
+            # host sync: once per flush (header)
+            h = self._header(dict(zip(self.HEADER, header.tolist())), step, mode)
+            same = h["schema"] == -h["-schema"] and h["rows"] == -h["-rows"]
+        if h["rows"] > cap:  # every rank computes the same capacity from the same header
+            self.capacity = 1 << max(h["rows"] - 1, 0).bit_length()
+        if same:
+            return layout, self._reduce_same_schema(rows)
+        return self._reduce_union(layout, rows, blob, h["rows"], h["blob"])
+
+    @staticmethod
+    def _header(h: dict, step: int, mode: str) -> dict:
         if h["step"] != -h["-step"] or h["mode"] != -h["-mode"]:
             raise RankMismatchError(
                 f"monitor: ranks disagree at a flush (this rank: step {step}, mode {mode!r}; "
@@ -221,9 +258,7 @@ class Reducer:
                 f"modes {'agree' if h['mode'] == -h['-mode'] else 'differ'}). Every rank must "
                 "call step()/log_step() with the same step numbers; nothing was reduced."
             )
-        if h["schema"] == -h["-schema"] and h["rows"] == -h["-rows"]:
-            return layout, self._reduce_same_schema(rows)
-        return self._reduce_union(layout, rows, blob, h["rows"], h["blob"])
+        return h
 
     def _schema(self, layout: Layout) -> tuple[bytes, int]:
         """The layout as JSON bytes and their hash, remembered for the layouts seen last
@@ -241,7 +276,10 @@ class Reducer:
         n = rows.shape[0]
         extremes = torch.cat([rows[:, stats.MAX], -rows[:, stats.MIN]])
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-        hi, lo = extremes[:n], -extremes[n:]
+        return self._sums(rows, -extremes[n:], extremes[:n])
+
+    def _sums(self, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """The SUM collective, shifted by the global midrange (exact for constant data)."""
         shift = stats.midrange_shift(lo, hi)
         sums = stats.shifted_sums(rows, shift).contiguous()
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)

@@ -121,10 +121,13 @@ class SummaryTracker:
             if mean is None:
                 continue
             if entry["first"] is None:
-                entry["first"], entry["first_step"] = mean, step
+                entry["first"] = entry["min"] = entry["max"] = mean
+                entry["first_step"] = step
+            elif mean < entry["min"]:  # (comparisons: this loop runs per metric per flush)
+                entry["min"] = mean
+            elif mean > entry["max"]:
+                entry["max"] = mean
             entry["last"], entry["last_step"] = mean, step
-            entry["min"] = mean if entry["min"] is None else min(entry["min"], mean)
-            entry["max"] = mean if entry["max"] is None else max(entry["max"], mean)
 
     def to_dict(self, run_id: str, start_time: float, status: str,
                 error: str | None = None) -> dict:

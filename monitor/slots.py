@@ -79,6 +79,8 @@ class StatSlots:
         self._acc: dict[torch.device, torch.Tensor] = {}
         self._index_cache: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
         self._name_index: dict[tuple[torch.device, tuple[str, ...]], torch.Tensor] = {}
+        self._order_index: dict[tuple[str, ...], tuple[list, list, dict]] = {}
+        """Per flush order: its positions, its rows here, and both as index tensors."""
         self.declare(names)
 
     @property
@@ -88,10 +90,13 @@ class StatSlots:
     def declare(self, names: Iterable[str]) -> None:
         """Add slots for ``names`` that do not exist yet (host-side bookkeeping only)."""
         index = self._index
-        for name in [n for n in names if n not in index]:  # most calls: nothing new
+        new = [n for n in names if n not in index]  # most calls: nothing new
+        for name in new:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"metric names must be non-empty strings, got {name!r}")
             index.setdefault(name, len(index))
+        if new:
+            self._order_index.clear()  # which names of a flush order exist here changed
 
     def update(self, values: Mapping[str, float | torch.Tensor]) -> None:
         """Fold normalised values (see :func:`as_samples`) into their slots.
@@ -142,14 +147,26 @@ class StatSlots:
     def local_rows(self, order: list[str], device: torch.device) -> torch.Tensor:
         """This process's rows for ``order`` (names it lacks stay empty), on ``device``."""
         out = stats.empty_rows(len(order), device)
-        present = [(pos, self._index[n]) for pos, n in enumerate(order) if n in self._index]
-        if not present:
+        key = tuple(order)
+        cached = self._order_index.get(key)
+        if cached is None:  # a run flushes the same few orders over and over
+            present = [(pos, self._index[n]) for pos, n in enumerate(order) if n in self._index]
+            cached = ([p for p, _ in present], [r for _, r in present], {})
+            if len(self._order_index) >= _MAX_CACHED_INDEXES:
+                self._order_index.clear()
+            self._order_index[key] = cached
+        positions, sources, on_device = cached
+        if not positions:
             return out
-        pos = torch.tensor([p for p, _ in present], device=device)
-        src = [r for _, r in present]
+        pos = on_device.get(("pos", device))
+        if pos is None:
+            pos = on_device[("pos", device)] = _device_index(device, positions)
         for acc_device in list(self._acc):
             acc = self._acc_on(acc_device)
-            picked = acc.index_select(0, torch.tensor(src, device=acc_device)).to(device)
+            src = on_device.get(("src", acc_device))
+            if src is None:
+                src = on_device[("src", acc_device)] = _device_index(acc_device, sources)
+            picked = acc.index_select(0, src).to(device)
             out.index_copy_(0, pos, stats.combine(out.index_select(0, pos), picked))
         return out
 

@@ -62,6 +62,21 @@ def many_metrics(rank, world_size, run_dir, num_metrics, steps, interval):
     return per_step
 
 
+def growing_metrics(rank, world_size, run_dir, counts):
+    """Log ``counts[step]`` metrics ``m0..`` at each step (interval 1); return the
+    collectives of each flush."""
+    counter = count_collectives()
+    mon = Monitor(run_dir=run_dir, run_id="grow", log_interval=1, participation="all")
+    per_step = []
+    for step, k in enumerate(counts):
+        before = counter["n"]
+        with mon.step(step) as h:
+            h.log(extra={f"m{i}": torch.tensor(float(rank * 100 + i + step)) for i in range(k)})
+        per_step.append(counter["n"] - before)
+    mon.finalize()
+    return per_step
+
+
 def out_of_step(rank, world_size, run_dir, interval):
     """Rank r logs step 10 * (r + 1): every rank must raise RankMismatchError.
 
