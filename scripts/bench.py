@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import platform
 import statistics
@@ -57,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _flush_rank(rank: int, world: int, store_path: str, run_dir: str, ks: list[int],
                 reps: dict, out) -> None:
     torch.set_num_threads(1)
+    logging.getLogger("monitor").setLevel(logging.WARNING)  # no console line per flush
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
                             world_size=world, timeout=timedelta(seconds=300))
     from monitor import Monitor
@@ -67,6 +69,7 @@ def _flush_rank(rank: int, world: int, store_path: str, run_dir: str, ks: list[i
     except ImportError:
         torchmetrics = None
     counter = count_collectives()
+    reducing = _time_reductions()
     rows = []
     for k in ks:
         n, n_slow = reps[str(k)]
@@ -74,17 +77,22 @@ def _flush_rank(rank: int, world: int, store_path: str, run_dir: str, ks: list[i
         row = {"K": k, "ranks": world, "flushes": n, "baseline_flushes": n_slow}
         mon = Monitor(run_dir=run_dir, run_id=f"k{k}-w{world}", log_interval=1,
                       participation="all")
-        times, before = [], counter["n"]
-        for step in range(n + 1):  # the first flush decides participation: not timed
+        times, reduce_times, before = [], [], counter["n"]
+        warmup = 3  # the first flush decides participation and fixes the capacity
+        for step in range(warmup + n):
             with mon.step(step) as h:
                 h.log(extra=values)
+                reducing["s"] = 0.0
                 t0 = time.perf_counter()  # the context's exit is the flush
-            if step:
+            if step >= warmup:
                 times.append(time.perf_counter() - t0)
-            else:
+                reduce_times.append(reducing["s"])
+            elif step == 0:
                 row["monitor_collectives_first_flush"] = counter["n"] - before
+            if step == warmup - 1:
                 before = counter["n"]
         row["monitor_ms"] = statistics.median(times) * 1e3
+        row["monitor_reduce_ms"] = statistics.median(reduce_times) * 1e3
         row["monitor_collectives"] = (counter["n"] - before) / n
         mon.finalize()
         dist.barrier()
@@ -121,6 +129,26 @@ def _flush_rank(rank: int, world: int, store_path: str, run_dir: str, ks: list[i
     dist.destroy_process_group()
 
 
+def _time_reductions() -> dict:
+    """Seconds spent in ``Reducer.reduce`` (pack check, collectives, unpack) since the
+    caller last set ``["s"] = 0``: the part of a flush that the per-key loop also does
+    (the rest of a flush builds and writes the record)."""
+    from monitor.distributed import Reducer
+
+    spent = {"s": 0.0}
+    original = Reducer.reduce
+
+    def reduce(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            spent["s"] += time.perf_counter() - t0
+
+    Reducer.reduce = reduce
+    return spent
+
+
 def bench_flush(ranks: list[int], ks: list[int], quick: bool) -> list[dict]:
     # (monitor flushes, per-key loop flushes); torchmetrics gets a third of the latter
     reps = {str(k): (3, 3) if quick else (15, 3) if k >= 10_000 else (15, 9) for k in ks}
@@ -144,6 +172,7 @@ def bench_flush(ranks: list[int], ks: list[int], quick: bool) -> list[dict]:
                         proc.kill()
         for row in rows:
             row["per_key_over_monitor"] = row["per_key_ms"] / row["monitor_ms"]
+            row["per_key_over_monitor_reduce"] = row["per_key_ms"] / row["monitor_reduce_ms"]
             if "torchmetrics_ms" in row:
                 row["torchmetrics_over_monitor"] = row["torchmetrics_ms"] / row["monitor_ms"]
         results.extend(rows)
@@ -154,15 +183,19 @@ def bench_flush(ranks: list[int], ks: list[int], quick: bool) -> list[dict]:
 def print_flush(rows: list[dict]) -> None:
     print(f"\nflush: {rows[0]['ranks']} gloo ranks, median ms per flush (collectives per flush; "
           f"monitor: {rows[0]['monitor_collectives_first_flush']} at the first)")
-    print(f"{'K':>6} {'monitor':>16} {'per-key loop':>18} {'ratio':>7} "
-          f"{'torchmetrics':>18} {'ratio':>7}")
+    print("  monitor = the whole flush (reduce, build and write the record); reduce = its "
+          "collectives part")
+    print(f"{'K':>6} {'monitor':>16} {'reduce':>7} {'per-key loop':>18} {'ratio':>7} "
+          f"{'(reduce)':>8} {'torchmetrics':>18} {'ratio':>7}")
     for r in rows:
         tm = (f"{r['torchmetrics_ms']:>10.2f} ({r['torchmetrics_collectives']:>5.0f}) "
               f"{r['torchmetrics_over_monitor']:>6.1f}x" if "torchmetrics_ms" in r
               else f"{'(not installed)':>18} {'':>7}")
         print(f"{r['K']:>6} {r['monitor_ms']:>9.2f} ({r['monitor_collectives']:>4.0f}) "
+              f"{r['monitor_reduce_ms']:>7.2f} "
               f"{r['per_key_ms']:>10.2f} ({r['per_key_collectives']:>5.0f}) "
-              f"{r['per_key_over_monitor']:>6.1f}x {tm}")
+              f"{r['per_key_over_monitor']:>6.1f}x {r['per_key_over_monitor_reduce']:>7.1f}x "
+              f"{tm}")
 
 
 # -- training overhead -----------------------------------------------------------------------
