@@ -9,10 +9,11 @@ Three jobs:
   first flush rank 0 waits (bounded) for all keys and publishes one decision that every rank
   reads. A monitor built on rank 0 alone therefore never issues a collective nobody answers.
 * :class:`Reducer` reduces packed statistic rows with a constant number of collectives:
-  a fixed-size int64 header (MAX), then one MAX buffer and one SUM buffer; when ranks'
-  metric sets differ, the union is reduced with two ``all_gather`` calls instead, so a
-  flush never costs more than 3 collectives. ``ReduceOp.AVG``/``PREMUL_SUM`` are never used
-  (gloo lacks them).
+  a fixed-size header (MAX), one MAX buffer and one SUM buffer; after the first flush the
+  header travels in the MAX buffer (2 collectives per flush). When ranks' metric sets
+  differ, the union is reduced with two ``all_gather`` calls instead, so a flush never
+  costs more than 3 collectives. ``ReduceOp.AVG``/``PREMUL_SUM`` are never used (gloo
+  lacks them).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A :class:`Stream` is one JSONL stream of reduced records: the training metrics, 
 observer's compact or detailed records. Each has its own interval. The session's
 :class:`FlushScheduler` sees every step call (``log_step``, ``step()``), marks each stream
 that the step makes due, and flushes every stream that is due *together*: their rows are
-packed into one buffer and reduced with one call of the reducer (at most 3 collectives),
+packed into one buffer and reduced with one call of the reducer (2 collectives, at most 3),
 however many streams, metrics, layers and observers there are.
 
 When a due record is flushed depends only on step numbers and the calls made (never on

@@ -465,9 +465,10 @@ def bench_syncs(steps: int, batch_size: int) -> dict:
     result = {"steps_between_flushes": steps, "host_syncs_between_flushes": len(between.calls),
               "by_method_between": dict(between.counts),
               "host_syncs_in_a_flush_and_finalize": len(at_flush.calls)}
-    print(f"\nsyncs: {len(between.calls)} host syncs from monitor code in {steps} training steps "
-          f"between flushes; {len(at_flush.calls)} in the flushing step and finalize "
-          f"({dict(at_flush.counts)})")
+    print(f"\nsyncs: {len(between.calls)} host reads of tensors by monitor code in {steps} "
+          f"training steps between flushes; {len(at_flush.calls)} in a flushing step and "
+          f"finalize ({dict(at_flush.counts)}: the reduced results are read; 2 per flush "
+          "copy from the device, marked in monitor/distributed.py, the rest read host copies)")
     return result
 
 
