@@ -562,15 +562,21 @@ def main() -> None:
         args.steps, args.batch_size, args.memory_steps = 2, 2, [200, 400]
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                "machine": machine(), "time": time.time()}
-    if "flush" in args.sections:
-        results["flush"] = bench_flush(args.ranks, args.metrics, args.quick)
-    if "overhead" in args.sections:
-        results["overhead"] = bench_overhead(args.steps, args.batch_size, args.threads)
-    if "syncs" in args.sections:
-        results["syncs"] = bench_syncs(3 if args.quick else 5, args.batch_size)
-    if "memory" in args.sections:
-        results["memory"] = bench_memory(args.memory_steps, 2)  # growth does not scale
-        # with tensor sizes, only with calls and flushes: batch 2 keeps 10,000 steps short
+    sections = {
+        "flush": lambda: bench_flush(args.ranks, args.metrics, args.quick),
+        "overhead": lambda: bench_overhead(args.steps, args.batch_size, args.threads),
+        "syncs": lambda: bench_syncs(3 if args.quick else 5, args.batch_size),
+        # growth does not scale with tensor sizes, only with calls and flushes: batch 2
+        # keeps 10,000 steps short
+        "memory": lambda: bench_memory(args.memory_steps, 2),
+    }
+    results["seconds"] = {}
+    for name, run in sections.items():
+        if name in args.sections:
+            t0 = time.perf_counter()
+            results[name] = run()
+            results["seconds"][name] = round(time.perf_counter() - t0, 1)
+            print(f"  ({name}: {results['seconds'][name]:.0f} s)")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
