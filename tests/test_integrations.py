@@ -306,13 +306,18 @@ def wandb_history(run_file, timeout=60.0):
             for r in records if r.WhichOneof("record_type") == "history"]
 
 
-def test_wandb_offline_run_holds_the_monitor_names(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+def wandb_offline(tmp_path, monkeypatch):
+    """W&B in offline mode, its files and config under tmp_path: no network, no home dir."""
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
                        "WANDB_DISABLE_GIT": "true", "WANDB_CONSOLE": "off",
                        "WANDB_CONFIG_DIR": str(tmp_path / "cfg"),
                        "WANDB_CACHE_DIR": str(tmp_path / "cache")}.items():
         monkeypatch.setenv(key, value)
+
+
+def test_wandb_offline_run_holds_the_monitor_names(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    wandb_offline(tmp_path, monkeypatch)
     run = run_cogvla(tmp_path, steps=4, enable_wandb=True)
     assert wandb.run is None  # the monitor started the run and finished it at finalize
     (run_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
@@ -335,11 +340,7 @@ def test_wandb_offline_run_holds_the_monitor_names(tmp_path, monkeypatch):
 def test_wandb_offline_run_the_script_started_gets_the_records_and_stays_open(tmp_path,
                                                                               monkeypatch):
     wandb = pytest.importorskip("wandb")
-    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
-                       "WANDB_DISABLE_GIT": "true", "WANDB_CONSOLE": "off",
-                       "WANDB_CONFIG_DIR": str(tmp_path / "cfg"),
-                       "WANDB_CACHE_DIR": str(tmp_path / "cache")}.items():
-        monkeypatch.setenv(key, value)
+    wandb_offline(tmp_path, monkeypatch)
     run = wandb.init(project="script", dir=str(tmp_path))
     try:
         run.log({"script/own": 1.0}, step=0)
