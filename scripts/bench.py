@@ -501,7 +501,7 @@ def bench_memory(checkpoints: list[int], batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         session = MonitorSession(f"{tmp}/run", "memory", participation="local")
         # the real model's calls, token counts and flushes; widths do not change what is
-        # kept between steps, so they are small here (10,000 steps in about a minute)
+        # kept between steps, so they are small here (10,000 steps in about 2.5 minutes)
         observers, parts = real_width_rig(session, batch_size, widths=(64, 32, 48))
         train = Monitor(session=session, log_interval=100)  # the facade's defaults
         loss = torch.tensor(0.5)
