@@ -43,7 +43,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from monitor import stats
-from monitor.records import SummaryTracker, metrics_of, record
+from monitor.records import (
+    SummaryTracker,
+    alert_record,
+    metrics_of,
+    nonfinite_alerts,
+    record,
+)
 from monitor.schedule import check_step
 from monitor.session import MonitorSession
 from monitor.slots import StatSlots
@@ -186,7 +192,7 @@ class Observer:
         self.detailed.slots.update_rows(joined_names(names), rows)
 
     def on_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """A cached copy of a constant host tensor (bin edges) on ``device``."""
+        """A cached copy of a constant host tensor (e.g. an index) on ``device``."""
         key = (id(tensor), device)
         cached = self._constants.get(key)
         if cached is None:
@@ -304,11 +310,8 @@ class Observer:
             self.last_metrics, self.last_step = metrics, label
             for alert in self.check_alerts(label, metrics):
                 self._alert(label, alert)
-        for name, value in metrics.items():
-            if value["nonfinite"] and (kind, name) not in self._nonfinite_seen:
-                self._nonfinite_seen.add((kind, name))
-                self._alert(label, {"type": "nonfinite", "stream": kind, "metric": name,
-                                    "nonfinite": value["nonfinite"], "count": value["count"]})
+        for alert in nonfinite_alerts(metrics, self._nonfinite_seen, "stream", kind):
+            self._alert(label, alert)
         if time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_S:
             self._write_summary("running", None)
 
@@ -346,8 +349,7 @@ class Observer:
         return []
 
     def _alert(self, step: int, alert: dict) -> None:
-        rec = {"step": step, "time": time.time(), "world_size": self.session.world_size,
-               "alert": alert}
+        rec = alert_record(step, self.session.world_size, alert)
         self.alerts.append(rec)
         self._sinks["events"].write(rec)
         self.session.publish(self.part, "alert", rec)

@@ -84,6 +84,25 @@ def live_records(lines: list[dict]) -> list[dict]:
     return out
 
 
+def alert_record(step: int, world_size: int, alert: dict) -> dict:
+    """One JSONL alert line (in a compact or training stream, beside the records)."""
+    return {"step": step, "time": time.time(), "world_size": world_size, "alert": alert}
+
+
+def nonfinite_alerts(metrics: dict[str, dict], seen: set, scope_key: str,
+                     scope: str) -> list[dict]:
+    """The alerts of a record's metrics that have non-finite values for the first time in
+    ``scope`` (a mode or a stream, named ``scope_key`` in the alert); ``seen`` remembers
+    ``(scope, metric)`` so each alerts once."""
+    alerts = []
+    for name, value in metrics.items():
+        if value["nonfinite"] and (scope, name) not in seen:
+            seen.add((scope, name))
+            alerts.append({"type": "nonfinite", scope_key: scope, "metric": name,
+                           "nonfinite": value["nonfinite"], "count": value["count"]})
+    return alerts
+
+
 def record(step: int, mode: str | None, world_size: int, metrics: dict) -> dict:
     """One JSONL record: step, mode (when it applies), wall time, world size, metrics."""
     rec: dict = {"step": step}

