@@ -219,39 +219,38 @@ class Reducer:
         num = rows.shape[0]
         mode_code = _code(mode)
         mine = [step, -step, mode_code, -mode_code, schema, -schema, num, -num, len(blob)]
-        cap = self.capacity
+        cap, start = self.capacity, len(mine)
         if cap:
             # one MAX buffer: the header (exact in float64: every value is below 2**53),
             # then each row's max and -min, padded with -inf up to the capacity
-            fused = torch.full((len(mine) + 2 * cap,), -math.inf, dtype=stats.DTYPE,
+            fused = torch.full((start + 2 * cap,), -math.inf, dtype=stats.DTYPE,
                                device=self.device)
-            fused[: len(mine)] = torch.tensor(mine, dtype=stats.DTYPE, device=self.device)
+            fused[:start] = torch.tensor(mine, dtype=stats.DTYPE, device=self.device)
             if num <= cap:  # else: the header says so and every rank falls back below
-                start = len(mine)
                 fused[start : start + num] = rows[:, stats.MAX]
                 fused[start + cap : start + cap + num] = -rows[:, stats.MIN]
             dist.all_reduce(fused, op=dist.ReduceOp.MAX)
-            head = fused[: len(mine)].tolist()  # host sync: once per flush (header)
-            h = self._header(dict(zip(self.HEADER, (int(v) for v in head))), step, mode)
-            same = h["schema"] == -h["-schema"] and h["rows"] == -h["-rows"]
+            # host sync: once per flush (header)
+            h, same = self._header([int(v) for v in fused[:start].tolist()], step, mode)
             if same and h["rows"] <= cap:
-                start = len(mine)
                 hi, lo = fused[start : start + num], -fused[start + cap : start + cap + num]
                 return layout, self._sums(rows, lo, hi)
         else:
             header = torch.tensor(mine, dtype=torch.int64, device=self.device)
             dist.all_reduce(header, op=dist.ReduceOp.MAX)
             # host sync: once per flush (header)
-            h = self._header(dict(zip(self.HEADER, header.tolist())), step, mode)
-            same = h["schema"] == -h["-schema"] and h["rows"] == -h["-rows"]
+            h, same = self._header(header.tolist(), step, mode)
         if h["rows"] > cap:  # every rank computes the same capacity from the same header
             self.capacity = 1 << max(h["rows"] - 1, 0).bit_length()
         if same:
             return layout, self._reduce_same_schema(rows)
         return self._reduce_union(layout, rows, blob, h["rows"], h["blob"])
 
-    @staticmethod
-    def _header(h: dict, step: int, mode: str) -> dict:
+    @classmethod
+    def _header(cls, values: list[int], step: int, mode: str) -> tuple[dict, bool]:
+        """The reduced header by name, and whether every rank has the same layout; raises
+        on every rank when the ranks are at different steps or modes."""
+        h = dict(zip(cls.HEADER, values))
         if h["step"] != -h["-step"] or h["mode"] != -h["-mode"]:
             raise RankMismatchError(
                 f"monitor: ranks disagree at a flush (this rank: step {step}, mode {mode!r}; "
@@ -259,7 +258,7 @@ class Reducer:
                 f"modes {'agree' if h['mode'] == -h['-mode'] else 'differ'}). Every rank must "
                 "call step()/log_step() with the same step numbers; nothing was reduced."
             )
-        return h
+        return h, h["schema"] == -h["-schema"] and h["rows"] == -h["-rows"]
 
     def _schema(self, layout: Layout) -> tuple[bytes, int]:
         """The layout as JSON bytes and their hash, remembered for the layouts seen last
