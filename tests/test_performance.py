@@ -177,6 +177,9 @@ def test_hooks_on_cuda_tensors_never_sync_between_flushes(tmp_path):
     for obs in parts:
         obs.finalize()
     train.finalize()
+    lfp, film = parts[0], parts[1]
+    assert lfp.last_metrics["overall/p_keep"]["count"] > 0  # the CUDA values were reduced
+    assert film.last_metrics["overall/modulation_strength"]["count"] > 0
 
 
 @pytest.mark.slow
