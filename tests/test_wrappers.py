@@ -8,10 +8,11 @@ import warnings
 import pytest
 import torch
 from harness import run_world
+from test_cogvla import train
 from workers import read_jsonl
 
 from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
-from monitor.testing import TinyCogVLAConfig, build_tiny_cogvla, synthetic_batch
+from monitor.testing import TinyCogVLAConfig, build_tiny_cogvla
 
 PARTS = ("lfp", "film", "moe", "aggr")
 HOOKS = {"lfp": 24, "film": 14, "moe": 1, "aggr": 4}
@@ -31,13 +32,7 @@ def attach(mon, model):
 
 
 def steps(model, mon, cfg, n=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(n):
-        mon.log_step(step)
-        out = model(**synthetic_batch(cfg, batch_size=2, generator=gen))
-        out.loss.backward()
-        with mon.step(step) as h:
-            h.log(loss=out.loss.detach())
+    train(model, mon, n, cfg, seed=seed)
     mon.finalize()
 
 
