@@ -14,6 +14,7 @@ import os
 import platform
 import socket
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -22,21 +23,84 @@ from pathlib import Path
 
 import torch
 
-from monitor import distributed, records
+from monitor import distributed, records, signals
 from monitor._version import __version__
 from monitor.sinks import NullRunFiles, RunFiles
 from monitor.streams import FlushScheduler
 
+TERMINATE_WAIT_S = 2.0
+"""At a signal: how long the end waits for the lock (a thread inside ``log()``) and for a
+busy device to finish its queued work before the values since the last record are written
+(a hung device is never waited on beyond this: its values are then given up)."""
 
-def validate_run_id(run_id: object) -> str:
-    """A run id is a single, non-empty path component."""
+
+LONGEST_SUFFIX = len("_summary.json") + len("..") + 8
+"""What the longest file name adds to the run id: the temporary file of an atomic replace,
+``.{run_id}_summary.json.XXXXXXXX`` (``_detailed.jsonl`` is shorter)."""
+
+
+def validate_run_id(run_id: object, run_dir: str | os.PathLike | None = None) -> str:
+    """A run id is a single, non-empty path component, short enough that every file name
+    built from it fits the filesystem's limit (``NAME_MAX`` of ``run_dir``'s filesystem,
+    else 255 bytes)."""
     if not isinstance(run_id, str) or not run_id.strip():
         raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
     if "/" in run_id or "\\" in run_id or os.sep in run_id or ".." in run_id or run_id == ".":
         raise ValueError(f"run_id must not contain a path separator or '..', got {run_id!r}")
     if "\0" in run_id:
         raise ValueError(f"run_id must not contain a NUL character, got {run_id!r}")
+    limit = _name_max(run_dir) - LONGEST_SUFFIX
+    size = len(os.fsencode(run_id))
+    if size > limit:
+        raise ValueError(f"run_id must be at most {limit} bytes, so that its longest file name "
+                         f"(.{{run_id}}_summary.json.XXXXXXXX) fits the filesystem's limit of "
+                         f"{limit + LONGEST_SUFFIX}; got {size} bytes ({run_id[:40]!r}...)")
     return run_id
+
+
+def _name_max(run_dir: str | os.PathLike | None) -> int:
+    """``NAME_MAX`` of the filesystem that holds (or will hold) ``run_dir``."""
+    folder = Path(run_dir if run_dir is not None else ".").absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def check_run_dir(run_dir: object) -> Path:
+    """``run_dir`` as a Path; refuses what is not a path and the empty string (it would
+    write into the working directory)."""
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise TypeError(f"run_dir must be a str or os.PathLike, got {type(run_dir).__name__}")
+    if not os.fspath(run_dir).strip():
+        raise ValueError(f"run_dir must name a folder, got {os.fspath(run_dir)!r} (an empty "
+                         "run_dir would write into the working directory)")
+    return Path(run_dir)
+
+
+def check_bool(name: str, value: object, *, none_ok: bool = False) -> bool | None:
+    """``value`` if it is a bool (or None when ``none_ok``), else TypeError naming ``name``."""
+    if isinstance(value, bool) or (none_ok and value is None):
+        return value
+    expected = "a bool or None" if none_ok else "a bool"
+    raise TypeError(f"{name} must be {expected}, got {value!r}")
+
+
+def exit_status(exc: BaseException | None) -> tuple[str, str | None]:
+    """``(status, error)`` of a run that an exception ends (``with`` form, exit handler).
+
+    ``SystemExit`` with code 0 or None is a normal exit: ``"incomplete"`` (nothing pending
+    was reduced); any other code is ``"failed"`` with ``"SystemExit(code)"``.
+    """
+    if exc is None:
+        return "incomplete", None
+    if isinstance(exc, SystemExit):
+        if exc.code is None or exc.code == 0:
+            return "incomplete", None
+        return "failed", f"SystemExit({exc.code!r})"
+    return "failed", type(exc).__name__
 
 
 class MonitorSession:
@@ -52,6 +116,8 @@ class MonitorSession:
             ``"local"``.
         participation_timeout: seconds of that wait (default 10, or
             ``$MONITOR_PARTICIPATION_TIMEOUT``).
+        handle_signals: end the run (status ``"terminated"``) when SIGTERM or SIGINT
+            arrives, then let the signal go on as before (:mod:`monitor.signals`).
 
     Raises:
         RunDirLockedError: another live process writes ``run_dir`` (rank 0 only).
@@ -63,7 +129,11 @@ class MonitorSession:
     with ``status`` ``"failed"`` (and the error's type) or ``"incomplete"``, without any
     collective. A resumed run (the same folder and run id again) appends to the same files
     and, at its first flush, marks the dead segment's records at or after its first step as
-    superseded.
+    superseded. SIGTERM/SIGINT end the run through :meth:`terminate`. Only the process that
+    built the session ends it: a forked child never writes its status.
+
+    Threads: ``lock`` (re-entrant) guards every slot update, the scheduler's bookkeeping and
+    the writing of records; ``log()``, ``step()`` and hooks may run in several threads.
     """
 
     def __init__(
@@ -75,11 +145,17 @@ class MonitorSession:
         config: Mapping | None = None,
         participation: str = "auto",
         participation_timeout: float | None = None,
+        handle_signals: bool = True,
     ) -> None:
-        if not isinstance(run_dir, (str, os.PathLike)):
-            raise TypeError(f"run_dir must be a str or os.PathLike, got {type(run_dir).__name__}")
-        self.run_id = validate_run_id(run_id)
-        self.run_dir = Path(run_dir)
+        self.run_dir = check_run_dir(run_dir)
+        self.run_id = validate_run_id(run_id, self.run_dir)
+        check_bool("handle_signals", handle_signals)
+        if config is not None and not isinstance(config, Mapping) \
+                and not hasattr(config, "__dataclass_fields__"):
+            raise TypeError("config must be a mapping or a dataclass, got "
+                            f"{type(config).__name__}")
+        self.pid = os.getpid()
+        self.lock = threading.RLock()
         self.world = distributed.detect_world()
         timeout = distributed.participation_timeout(participation_timeout)
         self.participation = distributed.Participation(self.world, run_id, participation, timeout)
@@ -91,11 +167,16 @@ class MonitorSession:
         self._stream_files: list[tuple[str, Callable[[list[dict]], None]]] = []
         self._segment_started = False
         self._finishers: list[Callable[[str, str | None], None]] = []
+        self._summary_writers: list[Callable[[str, str | None], None]] = []
         self.closed = False
+        self.ended_by: str | None = None
+        """The signal's name once :meth:`terminate` ran."""
+        self._warned_group_gone = False
         self._exit_guard = _ExitGuard(weakref.ref(self))
         atexit.register(self._exit_guard)
+        _watch_sys_exit()
         self._reducer: distributed.Reducer | None = None
-        self.scheduler = FlushScheduler(self.reduce, lambda: self.device)
+        self.scheduler = FlushScheduler(self.reduce, lambda: self.device, self.lock)
         if self.participation.decision == distributed.NO_PROCESS_GROUP:
             warnings.warn(
                 f"monitor: RANK={self.world.rank} of WORLD_SIZE={self.world.world_size} but no "
@@ -109,6 +190,7 @@ class MonitorSession:
         self._closed_listeners = False
         self.meta_path = f"monitor_logs/{run_id}_meta.json"
         self.meta = self._initial_meta(config_name, config)
+        self.meta["signals"] = signals.watch(self) if handle_signals else []
         self._write_meta()
 
     @property
@@ -194,24 +276,58 @@ class MonitorSession:
         return self._reducer
 
     def reduce(self, layout: dict[str, list[str]], rows: torch.Tensor, step: int, mode: str):
-        """Reduce packed rows; returns ``{group: (names, reduced CPU rows)}`` or None."""
+        """Reduce packed rows; returns ``({group: (names, reduced CPU rows)} or None, note)``.
+
+        ``note`` is None, or the ``rank_local`` mark of rows that could not be reduced: the
+        process group was destroyed before this flush (``finalize()`` after
+        ``destroy_process_group()``), so each rank keeps its own and rank 0 writes its own.
+        """
         if not self._segment_started:
             self.start_segment()
-        reducer = self.reducer()
-        if reducer is None:
-            return None
-        union, reduced = reducer.reduce(layout, rows, step, mode)
+        if self.world.initialized and not distributed.group_alive():
+            self._warn_group_gone()
+            if not self.world.is_writer:
+                return None, None
+            union, reduced = layout, rows.cpu()  # host sync: once per flush
+            note = self.rank_local_note("process group destroyed before finalize()")
+        else:
+            reducer = self.reducer()
+            if reducer is None:
+                return None, None
+            union, reduced = reducer.reduce(layout, rows, step, mode)
+            note = None
         out, start = {}, 0
         for group, names in union.items():
             out[group] = (names, reduced[start : start + len(names)])
             start += len(names)
-        return out
+        return out, note
+
+    def rank_local_note(self, reason: str) -> dict | None:
+        """The ``rank_local`` mark of a record holding this rank's values only, where a
+        record would otherwise hold every rank's (None in a world of one or rank 0 alone)."""
+        if self.world_size <= 1 or self.participation.decision in (
+                distributed.RANK0_ONLY, distributed.NO_PROCESS_GROUP,
+                distributed.SINGLE_PROCESS):
+            return None
+        return {"rank": self.world.rank, "reason": reason}
+
+    def _warn_group_gone(self) -> None:
+        if self._warned_group_gone:
+            return
+        self._warned_group_gone = True
+        warnings.warn("monitor: the process group was destroyed before this flush (finalize() "
+                      "after dist.destroy_process_group()?): the values since the last record "
+                      "are this rank's own, written by rank 0 and marked rank_local; call "
+                      "finalize() before destroy_process_group() for global statistics",
+                      RuntimeWarning, stacklevel=2)
 
     def update_meta(self, **fields) -> None:
         self.meta.update(fields)
         self._write_meta()
 
     def _write_meta(self) -> None:
+        if os.getpid() != self.pid:
+            return  # a forked child never writes its parent's run
         self.meta.update(self.files.health.as_meta())
         self.files.write_json(self.meta_path, self.meta)
 
@@ -254,20 +370,33 @@ class MonitorSession:
 
     # -- the end --------------------------------------------------------------------------
 
-    def on_exit(self, finisher: Callable[[str, str | None], None]) -> None:
-        """``finisher(status, error)`` is called by the exit handler if the session was not
-        finished (it must not communicate; ``status`` is ``"failed"`` or ``"incomplete"``)."""
+    def on_exit(self, finisher: Callable[[str, str | None], None],
+                summary: Callable[[str, str | None], None] | None = None) -> None:
+        """``finisher(status, error)`` is called by the exit handler and by
+        :meth:`terminate` if the session was not finished (it must not communicate;
+        ``status`` is ``"failed"``, ``"incomplete"`` or ``"terminated"``). ``summary(status,
+        error)``, if given, writes the part's summary without finishing it (at a signal,
+        before anything else)."""
         self._finishers.append(finisher)
+        if summary is not None:
+            self._summary_writers.append(summary)
 
     def finish(self, status: str, error: str | None = None) -> None:
-        """Write the end into meta (status, error, end time) and release the run folder."""
+        """Write the end into meta (status, error, end time) and release the run folder.
+
+        In a process forked from the one that built the session, only releases.
+        """
         if self.closed:
             return
+        if os.getpid() == self.pid:
+            self._write_end(status, error)
+        self.close()
+
+    def _write_end(self, status: str, error: str | None) -> None:
         self.start_segment()
         end = time.time()
         self.meta["segments"][-1].update(end_time=end, status=status)
         self.update_meta(end_time=end, status=status, error=error)
-        self.close()
 
     def close(self) -> None:
         """Release the lock and the exit handler (no file is written)."""
@@ -275,21 +404,62 @@ class MonitorSession:
             return
         self.closed = True
         atexit.unregister(self._exit_guard)
+        signals.unwatch(self)
         self.files.close()
 
     def abandon(self) -> None:
         """The exit handler: finish every part that was never finished, without a
-        collective (other ranks may be gone)."""
-        if self.closed:
+        collective (other ranks may be gone). Nothing in a forked child."""
+        if self.closed or os.getpid() != self.pid:
             return
         error_type = getattr(sys, "last_type", None)
-        status = "incomplete" if error_type is None else "failed"
-        error = None if error_type is None else error_type.__name__
+        if error_type is not None:
+            status, error = "failed", error_type.__name__
+        else:
+            status, error = exit_status(_requested_exit)
+        self._finish_parts(status, error)
+
+    def _finish_parts(self, status: str, error: str | None) -> None:
         try:
             for finisher in list(self._finishers):
                 finisher(status, error)
         finally:
             self.finish(status, error)
+
+    def terminate(self, signal_name: str) -> None:
+        """End the run at a signal, as the exit handler would, with status ``"terminated"``
+        and the signal's name as ``error``; never a collective, never a blocking wait on
+        the device. Called by :mod:`monitor.signals` (from the main thread's handler or from
+        the watcher thread while the main thread is blocked in C code).
+
+        In order: meta (status, error, end time), every part's summary; then, on the
+        writing rank, the values logged since each stream's last record (this rank's own,
+        including the rows of a flush blocked in its collective) as one final record per
+        stream, marked ``rank_local`` where a record would hold every rank's values. That
+        step is skipped when the lock or a busy device is not free within
+        :data:`TERMINATE_WAIT_S` (a hung NCCL stream never returns a copy). Then the
+        summaries again (counting those records), meta, and the run folder's lock is
+        released. Integrations get nothing more (closing W&B could outlast the grace
+        period). Idempotent; nothing in a forked child.
+        """
+        if self.closed or self.ended_by is not None or os.getpid() != self.pid:
+            return
+        self.ended_by = signal_name
+        status, error = "terminated", signal_name
+        locked = self.lock.acquire(timeout=TERMINATE_WAIT_S)
+        try:
+            self._listeners, self._closed_listeners = [], True
+            self._write_end(status, error)
+            for write_summary in list(self._summary_writers):
+                write_summary(status, error)
+            if locked and self.files.is_writer and _devices_idle(self.scheduler.devices()):
+                self.scheduler.flush_local(self.rank_local_note(signal_name))
+        finally:
+            try:
+                self._finish_parts(status, error)
+            finally:
+                if locked:
+                    self.lock.release()
 
     def _participation_meta(self) -> dict:
         decision = self.participation.decision
@@ -322,6 +492,46 @@ class MonitorSession:
             "resumed": previous is not None,
             "segments": segments,
         }
+
+
+def _devices_idle(devices: set[torch.device], wait: float = TERMINATE_WAIT_S) -> bool:
+    """Whether values on ``devices`` can be copied to the host without waiting on a device:
+    the CPU always; a CUDA device once its current stream has finished its queued work
+    (polled for at most ``wait`` seconds); any other device never."""
+    deadline = time.monotonic() + wait
+    for device in devices:
+        if device.type == "cpu":
+            continue
+        if device.type != "cuda":
+            return False
+        stream = torch.cuda.current_stream(device)
+        while not stream.query():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+    return True
+
+
+_requested_exit: SystemExit | None = None
+"""The ``SystemExit`` of the last ``sys.exit()`` call: the exit handler's only way to learn
+the exit code (an exit by ``SystemExit`` does not set ``sys.last_type``)."""
+
+
+def _watch_sys_exit() -> None:
+    """Wrap ``sys.exit`` once so the exit handler knows the code it was called with."""
+    real = sys.exit
+    if getattr(real, "_monitor_wrapper", False):
+        return
+
+    def exit(status=None):  # noqa: A001 - stands in for sys.exit
+        global _requested_exit
+        _requested_exit = SystemExit(status)
+        real(status)
+
+    exit._monitor_wrapper = True  # type: ignore[attr-defined]
+    exit.__doc__ = real.__doc__
+    exit.__wrapped__ = real  # type: ignore[attr-defined]
+    sys.exit = exit
 
 
 class _ExitGuard:

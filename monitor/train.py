@@ -49,8 +49,8 @@ from monitor.records import (
     nonfinite_alerts,
     record,
 )
-from monitor.schedule import check_step
-from monitor.session import MonitorSession
+from monitor.schedule import check_interval, check_step
+from monitor.session import MonitorSession, check_bool, exit_status
 from monitor.slots import StatSlots, as_samples
 from monitor.streams import Stream
 
@@ -117,9 +117,12 @@ class _ModeStream(Stream):
         self.dirty = False
         return order, rows
 
-    def emit(self, label: int, names: list[str], rows) -> None:
+    def emit(self, label: int, names: list[str], rows, note: dict | None = None) -> None:
         self.slots.declare(names)  # adopt the union so the next flush takes the fast path
-        self.monitor._write_record(label, self.mode, metrics_of(names, rows))
+        self.monitor._write_record(label, self.mode, metrics_of(names, rows), note)
+
+    def devices(self):
+        return self.slots.devices
 
 
 class Monitor:
@@ -142,8 +145,13 @@ class Monitor:
             also starts one (``pip install "monitor[wandb]"``), ``False`` never logs.
         console: a one-line summary through ``logging.getLogger("monitor")`` at each
             train record (rank 0).
-        The last three apply when the monitor builds its own session; with ``session=``,
+        handle_signals: SIGTERM/SIGINT end the run as ``"terminated"`` before the signal
+            goes on (see ``MonitorSession``); False leaves signals alone.
+        The last four apply when the monitor builds its own session; with ``session=``,
         whoever built it adds integrations (``monitor.integrations.add_integrations``).
+
+    ``log()`` and ``step()`` may be called from several threads: every value is counted
+    once (a lock guards the slots; it costs well under a microsecond per call).
     """
 
     def __init__(
@@ -160,7 +168,15 @@ class Monitor:
         tensorboard: bool = False,
         wandb: bool | None = None,
         console: bool = True,
+        handle_signals: bool = True,
     ) -> None:
+        log_interval = check_interval("log_interval", log_interval)
+        check_bool("tensorboard", tensorboard)
+        check_bool("wandb", wandb, none_ok=True)
+        check_bool("console", console)
+        check_bool("handle_signals", handle_signals)
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping or None, got {type(config).__name__}")
         train = _ModeStream(self, "train", log_interval)
         self.log_interval = log_interval
         self._owns_session = session is None
@@ -179,6 +195,7 @@ class Monitor:
             session = MonitorSession(
                 run_dir, run_id, config_name=config_name, config=meta_config,
                 participation=participation, participation_timeout=participation_timeout,
+                handle_signals=handle_signals,
             )
             add_integrations(session, tensorboard=tensorboard, wandb=wandb, console=console)
         self.session = session
@@ -196,7 +213,7 @@ class Monitor:
         self.alerts: list[dict] = []
         self._nonfinite_seen: set[tuple[str, str]] = set()
         session.register_stream_file(f"monitor_logs/{self.run_id}.jsonl", self._on_resume)
-        session.on_exit(self._finish)
+        session.on_exit(self._finish, summary=self._write_summary)
         # Gradient accumulation shows as several train contexts at one step number. Once
         # the run has shown that, a due record waits for the first call with a later step
         # (so every micro-batch of the due step is in it) instead of the context's exit.
@@ -216,14 +233,16 @@ class Monitor:
             yield StepHandle(_Discard(), step, mode)
             return
         self._advance(step)
-        if mode == "train":
-            self._train_contexts_here += 1
-            if self._train_contexts_here > 1:
-                self._accumulating = True
-        stream = self._streams.get(mode)
-        if stream is None:
-            stream = self._streams[mode] = _ModeStream(self, mode, None)
-        stream.dirty = True
+        with self.session.lock:
+            if mode == "train":
+                self._train_contexts_here += 1
+                if self._train_contexts_here > 1:
+                    self._accumulating = True
+            stream = self._streams.get(mode)
+            if stream is None:
+                stream = self._streams[mode] = _ModeStream(self, mode, None)
+                self._scheduler.local_only.append(stream)
+            stream.dirty = True
         handle = StepHandle(self, step, mode)
         try:
             yield handle
@@ -262,13 +281,14 @@ class Monitor:
         if exc_type is None:
             self._finish("completed", None)
         else:
-            self._finish("failed", exc_type.__name__)
+            self._finish(*exit_status(exc))
 
     # -- internals ----------------------------------------------------------------------
 
     def _finish(self, status: str, error: str | None) -> str:
         """End the run: ``"completed"`` flushes what is pending (a collective); any other
-        status (``"failed"``, ``"incomplete"`` from the exit handler) only writes files."""
+        status (``"failed"``, ``"incomplete"`` from the exit handler, ``"terminated"`` at a
+        signal) only writes files."""
         if self._finalized:
             return str(self.summary_path)
         self._finalized = True
@@ -282,7 +302,8 @@ class Monitor:
             status, error = "failed", type(exc).__name__
             raise
         finally:
-            self._scheduler.remove(self._streams["train"])
+            for stream in self._streams.values():
+                self._scheduler.remove(stream)
             self._write_summary(status, error)
             if self._owns_session:
                 self.session.close_listeners()
@@ -292,20 +313,25 @@ class Monitor:
         return str(self.summary_path)
 
     def _advance(self, step: int) -> None:
-        if self._last is not None and step > self._last:
-            self._train_contexts_here = 0
-        self._last = step if self._last is None else max(self._last, step)
+        with self.session.lock:
+            if self._last is not None and step > self._last:
+                self._train_contexts_here = 0
+            self._last = step if self._last is None else max(self._last, step)
         self._scheduler.advance(step)
 
     def _add(self, mode: str, values: dict) -> None:
-        slots = self._streams[mode].slots
-        slots.declare(values)
-        slots.update(values)
+        with self.session.lock:  # threads: every value counted once
+            slots = self._streams[mode].slots
+            slots.declare(values)
+            slots.update(values)
 
-    def _write_record(self, step: int, mode: str, metrics: dict) -> None:
+    def _write_record(self, step: int, mode: str, metrics: dict,
+                      note: dict | None = None) -> None:
         if not metrics:
             return
         rec = record(step, mode, self.session.world_size, metrics)
+        if note is not None:
+            rec["rank_local"] = note
         self._sink.write(rec)
         self.session.publish("train", mode, rec)
         self._summary.add(step, mode, metrics)

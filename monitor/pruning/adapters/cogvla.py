@@ -48,7 +48,7 @@ from monitor.pruning.film import FiLMObserver
 from monitor.pruning.moe import MoERouterObserver
 from monitor.pruning.routing import PruningObserver
 from monitor.schedule import check_interval, check_step
-from monitor.session import MonitorSession
+from monitor.session import MonitorSession, exit_status
 from monitor.train import Monitor, StepHandle, _Discard
 
 PARTS = ("train", "lfp", "film", "moe", "aggr")
@@ -95,11 +95,14 @@ class CogVLAMonitoringConfig:
     """``"auto"``, ``"all"`` or ``"local"``: whose statistics are reduced (MonitorSession)."""
     participation_timeout: float | None = None
     """Seconds rank 0 waits for the other ranks' monitors (default 10)."""
+    handle_signals: bool = True
+    """SIGTERM/SIGINT end the run as ``"terminated"`` (meta, summaries, the values since the
+    last record) before the signal goes on as it would have (``monitor.signals``)."""
 
     def __post_init__(self) -> None:
         for name in ("enable_train_monitor", "enable_lfp_monitor", "enable_film_monitor",
                      "enable_moe_monitor", "enable_aggr_monitor", "enable_tensorboard",
-                     "console"):
+                     "console", "handle_signals"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"CogVLAMonitoringConfig.{name} must be a bool, "
@@ -176,7 +179,8 @@ class CogVLAMonitoring:
             require("wandb", "wandb", "enable_wandb=True")
         self.session = MonitorSession(run_dir, run_id, config_name=config_name,
                                       config=asdict(cfg), participation=cfg.participation,
-                                      participation_timeout=cfg.participation_timeout)
+                                      participation_timeout=cfg.participation_timeout,
+                                      handle_signals=cfg.handle_signals)
         intervals = {"event_interval": cfg.pruning_event_log_interval,
                      "detailed_interval": cfg.detailed_log_interval}
         s = self.session
@@ -310,7 +314,7 @@ class CogVLAMonitoring:
         if exc_type is None:
             self._finish("completed", None)
         else:
-            self._finish("failed", exc_type.__name__)
+            self._finish(*exit_status(exc))
 
 
 __all__ = [
