@@ -138,7 +138,7 @@ class JsonlSink:
 
 
 def _append(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
     try:
         view = memoryview(data)
         while view:
@@ -263,6 +263,7 @@ def _replace(target: Path, text: str, durable: bool) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600 whatever the umask
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             if durable:
@@ -273,6 +274,21 @@ def _replace(target: Path, text: str, durable: bool) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux ``/proc``), else by setting it
+    and putting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _check_is_dir_or_missing(root: Path) -> None:
@@ -324,7 +340,7 @@ class RunLock:
             return held
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
             except OSError as exc:
                 health.failed(path, exc)  # no lock on a read-only folder: degraded, not fatal
                 return None

@@ -229,7 +229,9 @@ class Monitor:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if self._finalized:
-            warnings.warn("Monitor.step() after finalize(): ignored", RuntimeWarning, stacklevel=3)
+            ended = self.session.ended_by
+            why = "finalize()" if ended is None else f"the run was ended by {ended}"
+            warnings.warn(f"Monitor.step() after {why}: ignored", RuntimeWarning, stacklevel=3)
             yield StepHandle(_Discard(), step, mode)
             return
         self._advance(step)

@@ -4,12 +4,13 @@
 
 MODE:
 
-``lone [facade] [ignore_term]``
+``lone [facade] [ignore_term] [no_signals]``
     One process logs ``loss=1.0`` at every step (train interval 1000: one record at step 0,
     then everything stays pending) and prints ``ready`` after step 5; it runs until a
     signal ends it. ``facade``: the CogVLA facade on the stand-in model instead of a plain
     ``Monitor``. ``ignore_term``: the script's own SIGTERM handler, installed before the
     monitor, which prints ``handler`` and lets the process go on (then exits 0 by itself).
+    ``no_signals``: ``handle_signals=False``.
 ``gloo RANK STORE_PATH``
     Rank RANK of a 2-rank gloo world (FileStore STORE_PATH, group timeout 120 s,
     ``participation="all"``, interval 5). Both ranks log steps 0..9; rank 1 then stops
@@ -54,7 +55,8 @@ def lone(run_dir: str, *flags: str) -> None:
         mon.attach(model)
         gen = torch.Generator().manual_seed(0)
     else:
-        mon = Monitor(run_dir=run_dir, run_id="run", log_interval=1000, console=False)
+        mon = Monitor(run_dir=run_dir, run_id="run", log_interval=1000, console=False,
+                      handle_signals="no_signals" not in flags)
     step = 0
     while True:
         mon.log_step(step)
@@ -65,7 +67,7 @@ def lone(run_dir: str, *flags: str) -> None:
             h.log(loss=1.0)
         if step == 5:
             print("ready", flush=True)
-        if "ignore_term" in flags and step == 400:
+        if "ignore_term" in flags and step == 60:
             mon.finalize()
             return
         step += 1
