@@ -323,9 +323,10 @@ class Observer:
         rec.update(out)
         if note is not None:
             rec["rank_local"] = note
-        self._sinks[kind].write(rec)
+        written = self._sinks[kind].write(rec)
         self.session.publish(self.part, kind, rec)
-        self._summary.add(label, kind, metrics)
+        if written:  # the summary counts what reached the disk
+            self._summary.add(label, kind, metrics)
         if kind == "events":
             self.last_metrics, self.last_step = metrics, label
             for alert in self.check_alerts(label, metrics):

@@ -9,6 +9,7 @@ that everything due at a step goes through one fused reduction (``session.schedu
 from __future__ import annotations
 
 import atexit
+import gc
 import math
 import os
 import platform
@@ -25,7 +26,7 @@ import torch
 
 from monitor import distributed, records, signals
 from monitor._version import __version__
-from monitor.sinks import NullRunFiles, RunFiles
+from monitor.sinks import NullRunFiles, RunDirLockedError, RunFiles
 from monitor.streams import FlushScheduler
 
 TERMINATE_WAIT_S = 2.0
@@ -154,6 +155,8 @@ class MonitorSession:
                 and not hasattr(config, "__dataclass_fields__"):
             raise TypeError("config must be a mapping or a dataclass, got "
                             f"{type(config).__name__}")
+        self.built_at = _caller()
+        key = _claim(self)
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.world = distributed.detect_world()
@@ -163,6 +166,8 @@ class MonitorSession:
             else NullRunFiles(self.run_dir)
         # a session dropped unfinished frees the lock (at exit the OS does, after the guard)
         weakref.finalize(self, self.files.close).atexit = False
+        # after a failed write, the first write that works again rewrites meta (degraded)
+        self.files.health.on_recovery = _weak_call(self._write_meta)
         self.start_time = time.time()
         self._stream_files: list[tuple[str, Callable[[list[dict]], None]]] = []
         self._segment_started = False
@@ -192,6 +197,7 @@ class MonitorSession:
         self.meta = self._initial_meta(config_name, config)
         self.meta["signals"] = signals.watch(self) if handle_signals else []
         self._write_meta()
+        _live[key] = weakref.ref(self)
 
     @property
     def world_size(self) -> int:
@@ -328,6 +334,7 @@ class MonitorSession:
     def _write_meta(self) -> None:
         if os.getpid() != self.pid:
             return  # a forked child never writes its parent's run
+        self.files.health.meta_stale = False  # what is written now shows every failure
         self.meta.update(self.files.health.as_meta())
         self.files.write_json(self.meta_path, self.meta)
 
@@ -405,6 +412,7 @@ class MonitorSession:
         self.closed = True
         atexit.unregister(self._exit_guard)
         signals.unwatch(self)
+        _release(self)
         self.files.close()
 
     def abandon(self) -> None:
@@ -492,6 +500,60 @@ class MonitorSession:
             "resumed": previous is not None,
             "segments": segments,
         }
+
+
+_live: dict[tuple[str, str], weakref.ref] = {}
+"""The live sessions of this process by (real path of run_dir, run_id)."""
+
+
+def _key(session: MonitorSession) -> tuple[str, str]:
+    return os.path.realpath(session.run_dir), session.run_id
+
+
+def _claim(session: MonitorSession) -> tuple[str, str]:
+    """Refuse a second live session on the same run folder and run id in this process."""
+    key = _key(session)
+    for attempt in range(2):
+        ref = _live.get(key)
+        first = None if ref is None else ref()
+        if first is None or first.closed or first.pid != os.getpid():
+            return key
+        if attempt == 0:
+            gc.collect()  # a monitor dropped without finalize() may only wait for the collector
+    raise RunDirLockedError(
+        f"run_dir {str(session.run_dir)!r} with run_id {session.run_id!r} is already written by "
+        f"a live monitor of this process (built at {first.built_at}); finalize() it first, "
+        "share it (the CogVLA facade's parts share one session), or give this one another "
+        "run_id")
+
+
+def _release(session: MonitorSession) -> None:
+    key = _key(session)
+    ref = _live.get(key)
+    if ref is not None and ref() is session:
+        del _live[key]
+
+
+def _caller() -> str:
+    """``file:line`` of the first frame outside the monitor package (who built it)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def _weak_call(method) -> Callable[[], None]:
+    """``method()`` through a weak reference (no cycle through the files' health)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+    return call
 
 
 def _devices_idle(devices: set[torch.device], wait: float = TERMINATE_WAIT_S) -> bool:

@@ -29,6 +29,7 @@ import socket
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,27 @@ class WriteHealth:
 
     A failed write (permission lost, disk full, ...) is skipped; later writes are tried
     again, so a disk that recovers is used again. ``degraded`` stays True for the rest of
-    the session and is written into meta and the summaries whenever they can be written.
+    the session and is written into meta and the summaries whenever they can be written:
+    after a failure, the first write that succeeds again calls ``on_recovery`` (the session
+    rewrites meta then).
     """
 
     def __init__(self) -> None:
         self.write_errors = 0
         self.first_write_error: str | None = None
+        self.meta_stale = False
+        """A failure happened that the meta on disk does not show yet."""
+        self.on_recovery: Callable[[], None] | None = None
+        self._recovering = False
+
+    def succeeded(self) -> None:
+        """A write went through: if meta is stale, have it rewritten now."""
+        if self.meta_stale and self.on_recovery is not None and not self._recovering:
+            self._recovering = True
+            try:
+                self.on_recovery()
+            finally:
+                self._recovering = False
 
     @property
     def degraded(self) -> bool:
@@ -59,6 +75,7 @@ class WriteHealth:
 
     def failed(self, path: Path, exc: OSError) -> None:
         self.write_errors += 1
+        self.meta_stale = True
         if self.first_write_error is not None:
             return
         code = errno.errorcode.get(exc.errno, exc.errno) if exc.errno else "?"
@@ -126,7 +143,8 @@ class JsonlSink:
             self.path.touch()
         self._repair = False
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict) -> bool:
+        """Append ``record``; True if its line reached the file."""
         data = (dumps(record) + "\n").encode()
         try:
             if self._repair:
@@ -135,6 +153,9 @@ class JsonlSink:
         except OSError as exc:
             self._repair = True  # the line may be half written: cut it before the next one
             self._health.failed(self.path, exc)
+            return False
+        self._health.succeeded()
+        return True
 
 
 def _append(path: Path, data: bytes) -> None:
@@ -150,8 +171,8 @@ def _append(path: Path, data: bytes) -> None:
 class NullSink:
     """What non-writing ranks hold: accepts records, writes nothing."""
 
-    def write(self, record: dict) -> None:
-        pass
+    def write(self, record: dict) -> bool:
+        return True
 
 
 def _truncate_partial_last_line(path: Path) -> None:
@@ -235,22 +256,38 @@ class RunFiles:
         return out
 
     def write_json(self, relative: str, obj: dict, *, pretty: bool = True,
-                   durable: bool = True) -> None:
+                   durable: bool = True) -> bool:
         """Replace a JSON file atomically: readers see the old or the new file, never half.
 
-        An ``OSError`` is reported to ``health`` (the old file stays as it was).
+        An ``OSError`` is reported to ``health`` (the old file stays as it was). On a full
+        disk (``ENOSPC``, ``EDQUOT``: the temporary file needs new blocks) a ``durable``
+        write overwrites the existing file in place instead, in the blocks it already has,
+        so meta and the final summaries get their status whenever any write can succeed
+        (not atomic: only a crash during that write could tear it; a resumed run rebuilds a
+        torn meta from the streams).
 
         Args:
             pretty: indent for people (Python's encoder: slow for thousands of metrics).
             durable: ``fsync`` before the rename, so the new file survives a machine crash
                 (a process crash never leaves half a file either way).
+
+        Returns:
+            True if the file was written.
         """
         target = self.path(relative)
-        text = json.dumps(obj, allow_nan=False, indent=2) if pretty else dumps(obj)
+        text = (json.dumps(obj, allow_nan=False, indent=2) if pretty else dumps(obj)) + "\n"
         try:
-            _replace(target, text + "\n", durable)
+            _replace(target, text, durable)
         except OSError as exc:
-            self.health.failed(target, exc)
+            try:
+                if not (durable and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+                    raise
+                _overwrite(target, text.encode())
+            except OSError:
+                self.health.failed(target, exc)
+                return False
+        self.health.succeeded()
+        return True
 
     def close(self) -> None:
         """Release the lock (the OS releases it anyway when the process ends)."""
@@ -289,6 +326,21 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _overwrite(target: Path, data: bytes) -> None:
+    """Write ``data`` over an existing file's bytes, then cut it to length (no new inode;
+    new blocks only if ``data`` is longer than what the file holds)."""
+    fd = os.open(target, os.O_WRONLY)  # no O_CREAT: a missing file needs new blocks anyway
+    try:
+        view = memoryview(data)
+        offset = 0
+        while offset < len(data):
+            offset += os.pwrite(fd, view[offset:], offset)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_is_dir_or_missing(root: Path) -> None:
@@ -449,8 +501,8 @@ class NullRunFiles:
         return []
 
     def write_json(self, relative: str, obj: dict, *, pretty: bool = True,
-                   durable: bool = True) -> None:
-        pass
+                   durable: bool = True) -> bool:
+        return True
 
     def close(self) -> None:
         pass

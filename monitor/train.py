@@ -334,9 +334,10 @@ class Monitor:
         rec = record(step, mode, self.session.world_size, metrics)
         if note is not None:
             rec["rank_local"] = note
-        self._sink.write(rec)
+        written = self._sink.write(rec)
         self.session.publish("train", mode, rec)
-        self._summary.add(step, mode, metrics)
+        if written:  # the summary counts what reached the disk
+            self._summary.add(step, mode, metrics)
         for alert in nonfinite_alerts(metrics, self._nonfinite_seen, "mode", mode):
             self._alert(step, alert)
         if time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_S:

@@ -512,8 +512,9 @@ def bench_log(calls: int, rounds: int) -> dict:
         for kind, kwargs in values.items():
             times = {name: [] for name in locks}
             with mon.step(0) as h:
-                for _ in range(rounds):
-                    for name, lock in locks.items():  # alternated: drift hits both alike
+                for i in range(rounds):
+                    order = list(locks.items())
+                    for name, lock in order if i % 2 else order[::-1]:  # alternated, ABBA
                         mon.session.lock = lock
                         t0 = time.perf_counter()
                         for _ in range(calls):
@@ -638,7 +639,7 @@ def main() -> None:
         "flush": lambda: bench_flush(args.ranks, args.metrics, args.quick),
         "overhead": lambda: bench_overhead(args.steps, args.batch_size, args.threads),
         "syncs": lambda: bench_syncs(3 if args.quick else 5, args.batch_size),
-        "log": lambda: bench_log(200 if args.quick else 1000, 3 if args.quick else 15),
+        "log": lambda: bench_log(200 if args.quick else 500, 4 if args.quick else 40),
         # growth does not scale with tensor sizes, only with calls and flushes: batch 2
         # keeps 10,000 steps short
         "memory": lambda: bench_memory(args.memory_steps, 2),
