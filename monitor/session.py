@@ -519,6 +519,7 @@ def _claim(session: MonitorSession) -> tuple[str, str]:
         if first is None or first.closed or first.pid != os.getpid():
             return key
         if attempt == 0:
+            del first
             gc.collect()  # a monitor dropped without finalize() may only wait for the collector
     raise RunDirLockedError(
         f"run_dir {str(session.run_dir)!r} with run_id {session.run_id!r} is already written by "

@@ -159,11 +159,23 @@ class JsonlSink:
 
 
 def _append(path: Path, data: bytes) -> None:
+    """Append ``data`` whole, or not at all: a write that fails part way (a full disk) is
+    cut back at once, since on a disk that stays full no later write would repair it
+    (cutting frees blocks, it never needs new ones)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
     try:
+        start = os.fstat(fd).st_size
         view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            if len(view) < len(data):
+                try:
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass  # the next record's repair cuts it (JsonlSink._prepare)
+            raise
     finally:
         os.close(fd)
 

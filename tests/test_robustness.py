@@ -21,6 +21,7 @@ from workers import read_jsonl
 from monitor import Monitor
 from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
 from monitor.session import LONGEST_SUFFIX
+from monitor.sinks import RunDirLockedError
 
 assert SCRIPT.exists()
 
@@ -212,3 +213,129 @@ def test_bad_log_values_are_refused_naming_the_metric(tmp_path, value, error, ma
     mon.finalize()
     (rec,) = read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")
     assert rec["metrics"]["loss"]["count"] == 1
+
+
+# -- one live monitor per run folder -----------------------------------------------------
+
+def test_a_second_live_monitor_on_one_run_folder_and_id_is_refused_naming_the_first(
+        tmp_path):
+    run_dir = tmp_path / "r"
+    first = Monitor(run_dir=run_dir, run_id="r", log_interval=1, console=False)
+    with first.step(0) as h:
+        h.log(loss=1.0)
+    here = rf"built at {__file__}:\d+"
+    with pytest.raises(RunDirLockedError, match=rf"run_id 'r' is already written by a live "
+                                                rf"monitor of this process \({here}\)"):
+        Monitor(run_dir=run_dir, run_id="r")
+    with pytest.raises(RunDirLockedError, match=here):
+        CogVLAMonitoring(run_dir=tmp_path / "." / "r", run_id="r")  # the same folder
+    other = Monitor(run_dir=run_dir, run_id="eval", participation="local")  # another id
+    other.finalize()
+    first.finalize()
+    again = Monitor(run_dir=run_dir, run_id="r", console=False)  # after the end: a resume
+    assert again.session.resumed
+    again.finalize()
+    assert [r["step"] for r in read_jsonl(run_dir / "monitor_logs" / "r.jsonl")] == [0]
+
+
+def test_a_monitor_dropped_without_finalize_does_not_block_the_next(tmp_path):
+    Monitor(run_dir=tmp_path / "r", run_id="r", console=False)  # dropped at once
+    mon = Monitor(run_dir=tmp_path / "r", run_id="r", console=False)
+    mon.finalize()
+
+
+# -- the disk: what the summary counts, a disk that stays full ---------------------------
+
+def full_disk(monkeypatch, appends_fail: set[int], now: dict) -> None:
+    """From now on no new file can be made (``_replace``'s temporary file fails with
+    ENOSPC: it needs new blocks); appends fail at the steps in ``appends_fail`` and go
+    through otherwise (the JSONL's last block still has room), as on a disk that stays full."""
+    import errno
+
+    from monitor import sinks
+
+    real_append = sinks._append
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def append(path, data):
+        if now["step"] in appends_fail:
+            no_space()
+        real_append(path, data)
+
+    monkeypatch.setattr(sinks, "_replace", no_space)
+    monkeypatch.setattr(sinks, "_append", append)
+
+
+def test_a_disk_that_stays_full_still_gets_degraded_and_the_final_status_into_meta(
+        tmp_path, monkeypatch):
+    run_dir = tmp_path / "r"
+    meta_path = run_dir / "monitor_logs" / "r_meta.json"
+    now = {"step": 0}
+    mon = Monitor(run_dir=run_dir, run_id="r", log_interval=1, console=False)
+    seen = {}
+    with pytest.warns(RuntimeWarning, match="No space left on device"):
+        for step in range(8):
+            now["step"] = step
+            if step == 2:
+                full_disk(monkeypatch, appends_fail={2, 3, 4}, now=now)
+            with mon.step(step) as h:
+                h.log(loss=float(step))
+            seen[step] = json.loads(meta_path.read_text())["degraded"]
+        mon.finalize()
+    assert seen == {0: False, 1: False, 2: False, 3: False, 4: False, 5: True, 6: True,
+                    7: True}  # rewritten at the first record that reached the disk again
+    records = read_jsonl(run_dir / "monitor_logs" / "r.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 5, 6, 7]
+    meta = json.loads(meta_path.read_text())
+    assert (meta["status"], meta["degraded"]) == ("completed", True)
+    assert meta["write_errors"] == 3  # the three appends (the meta rewrites went in place)
+    summary = json.loads((run_dir / "monitor_logs" / "r_summary.json").read_text())
+    assert (summary["status"], summary["degraded"]) == ("completed", True)
+    assert summary["records_written"] == 5  # what reached the disk, not the 8 built
+    assert summary["metrics"]["train"]["loss"]["records"] == 5
+
+
+def _mount_tmpfs(path, size: str) -> bool:
+    import subprocess
+
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+def test_a_real_full_filesystem_keeps_every_line_whole_and_meta_gets_the_end(tmp_path):
+    import subprocess
+
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "256k"):
+        pytest.skip("needs to mount a small tmpfs (root with CAP_SYS_ADMIN)")
+    try:
+        run_dir = disk / "r"
+        mon = Monitor(run_dir=run_dir, run_id="r", log_interval=1, console=False)
+        with mon.step(0) as h:
+            h.log(loss=0.0)
+        with open(disk / "filler", "wb", buffering=0) as f:  # fill the disk to the last byte
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    f.write(b"\0" * 512)
+        with pytest.warns(RuntimeWarning, match="No space left on device"):
+            for step in range(1, 120):  # ~200-byte records: the JSONL's page fills up
+                with mon.step(step) as h:
+                    h.log(loss=float(step), extra={f"m{i}": 1.0 for i in range(3)})
+            mon.finalize()
+        lines = (run_dir / "monitor_logs" / "r.jsonl").read_bytes().splitlines(keepends=True)
+        assert all(line.endswith(b"\n") for line in lines)
+        records = [json.loads(line) for line in lines]
+        steps = [r["step"] for r in records]
+        assert steps == list(range(len(steps))) and 1 < len(steps) < 120
+        meta = json.loads((run_dir / "monitor_logs" / "r_meta.json").read_text())
+        assert (meta["status"], meta["degraded"]) == ("completed", True)
+        summary = json.loads((run_dir / "monitor_logs" / "r_summary.json").read_text())
+        assert summary["status"] == "completed" and summary["records_written"] == len(steps)
+    finally:
+        if "mon" in locals():
+            mon.session.close()  # a failed assertion must not leave the lock's fd open
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
