@@ -1,22 +1,25 @@
-"""The run a monitor belongs to: who writes, who takes part, the reducer and the meta file.
+"""The run a monitor belongs to: who writes, who takes part, the steps, the reduction, the end.
 
 One :class:`MonitorSession` per run folder and process. ``Monitor`` (training metrics) builds
 its own; the CogVLA facade shares one between the training monitor and its observers so
 that everything due at a step goes through one fused reduction (``session.scheduler``, see
-:mod:`monitor.streams`).
+:mod:`monitor.streams`). What the session delegates: paths to :class:`~monitor.layout.RunLayout`,
+files to :mod:`monitor.sinks`, meta and its segments to :class:`~monitor.meta.RunMeta`, the
+listeners to :class:`~monitor.integrations.fanout.Listeners`, collectives to
+:mod:`monitor.distributed`.
 """
 
 from __future__ import annotations
 
 import atexit
 import gc
-import math
 import os
 import platform
 import socket
 import sys
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -26,48 +29,20 @@ import torch
 
 from monitor import distributed, records, signals
 from monitor._version import __version__
+from monitor.checks import check_bool
+from monitor.integrations.fanout import Listener, Listeners
+from monitor.layout import RunLayout, validate_run_id
+from monitor.meta import RunMeta, plain_config
+from monitor.schedule import check_step
 from monitor.sinks import NullRunFiles, RunDirLockedError, RunFiles
 from monitor.streams import FlushScheduler
+
+__all__ = ["MonitorSession", "exit_status", "validate_run_id"]
 
 TERMINATE_WAIT_S = 2.0
 """At a signal: how long the end waits for the lock (a thread inside ``log()``) and for a
 busy device to finish its queued work before the values since the last record are written
 (a hung device is never waited on beyond this: its values are then given up)."""
-
-
-LONGEST_SUFFIX = len("_summary.json") + len("..") + 8
-"""What the longest file name adds to the run id: the temporary file of an atomic replace,
-``.{run_id}_summary.json.XXXXXXXX`` (``_detailed.jsonl`` is shorter)."""
-
-
-def validate_run_id(run_id: object, run_dir: str | os.PathLike | None = None) -> str:
-    """A run id is a single, non-empty path component, short enough that every file name
-    built from it fits the filesystem's limit (``NAME_MAX`` of ``run_dir``'s filesystem,
-    else 255 bytes)."""
-    if not isinstance(run_id, str) or not run_id.strip():
-        raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
-    if "/" in run_id or "\\" in run_id or os.sep in run_id or ".." in run_id or run_id == ".":
-        raise ValueError(f"run_id must not contain a path separator or '..', got {run_id!r}")
-    if "\0" in run_id:
-        raise ValueError(f"run_id must not contain a NUL character, got {run_id!r}")
-    limit = _name_max(run_dir) - LONGEST_SUFFIX
-    size = len(os.fsencode(run_id))
-    if size > limit:
-        raise ValueError(f"run_id must be at most {limit} bytes, so that its longest file name "
-                         f"(.{{run_id}}_summary.json.XXXXXXXX) fits the filesystem's limit of "
-                         f"{limit + LONGEST_SUFFIX}; got {size} bytes ({run_id[:40]!r}...)")
-    return run_id
-
-
-def _name_max(run_dir: str | os.PathLike | None) -> int:
-    """``NAME_MAX`` of the filesystem that holds (or will hold) ``run_dir``."""
-    folder = Path(run_dir if run_dir is not None else ".").absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return int(os.pathconf(folder, "PC_NAME_MAX"))
-    except (OSError, ValueError):
-        return 255
 
 
 def check_run_dir(run_dir: object) -> Path:
@@ -79,14 +54,6 @@ def check_run_dir(run_dir: object) -> Path:
         raise ValueError(f"run_dir must name a folder, got {os.fspath(run_dir)!r} (an empty "
                          "run_dir would write into the working directory)")
     return Path(run_dir)
-
-
-def check_bool(name: str, value: object, *, none_ok: bool = False) -> bool | None:
-    """``value`` if it is a bool (or None when ``none_ok``), else TypeError naming ``name``."""
-    if isinstance(value, bool) or (none_ok and value is None):
-        return value
-    expected = "a bool or None" if none_ok else "a bool"
-    raise TypeError(f"{name} must be {expected}, got {value!r}")
 
 
 def exit_status(exc: BaseException | None) -> tuple[str, str | None]:
@@ -121,7 +88,8 @@ class MonitorSession:
             arrives, then let the signal go on as before (:mod:`monitor.signals`).
 
     Raises:
-        RunDirLockedError: another live process writes ``run_dir`` (rank 0 only).
+        RunDirLockedError: another live process writes ``run_dir`` (rank 0 only), or a live
+            session of this process has the same ``run_dir`` and ``run_id`` (every rank).
 
     Reliability (see "Guarantees" in ``monitor/README.md``): rank 0 holds the run folder's
     lock while the session lives; write failures degrade the session instead of raising;
@@ -149,7 +117,8 @@ class MonitorSession:
         handle_signals: bool = True,
     ) -> None:
         self.run_dir = check_run_dir(run_dir)
-        self.run_id = validate_run_id(run_id, self.run_dir)
+        self.layout = RunLayout(run_id, self.run_dir)
+        self.run_id = self.layout.run_id
         check_bool("handle_signals", handle_signals)
         if config is not None and not isinstance(config, Mapping) \
                 and not hasattr(config, "__dataclass_fields__"):
@@ -165,14 +134,12 @@ class MonitorSession:
         self.files = RunFiles(self.run_dir, run_id) if self.world.is_writer \
             else NullRunFiles(self.run_dir)
         # a session dropped unfinished frees the lock (at exit the OS does, after the guard)
-        weakref.finalize(self, self.files.close).atexit = False
-        # after a failed write, the first write that works again rewrites meta (degraded)
-        self.files.health.on_recovery = _weak_call(self._write_meta)
+        weakref.finalize(self, self.files.close).atexit = False  # type: ignore[misc]
         self.start_time = time.time()
         self._stream_files: list[tuple[str, Callable[[list[dict]], None]]] = []
         self._segment_started = False
-        self._finishers: list[Callable[[str, str | None], None]] = []
-        self._summary_writers: list[Callable[[str, str | None], None]] = []
+        self._finishers: list[Callable[[str, str | None], object]] = []
+        self._summary_writers: list[Callable[[str, str | None], object]] = []
         self.closed = False
         self.ended_by: str | None = None
         """The signal's name once :meth:`terminate` ran."""
@@ -191,12 +158,24 @@ class MonitorSession:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        self._listeners: list[Listener] = []
-        self._closed_listeners = False
-        self.meta_path = f"monitor_logs/{run_id}_meta.json"
-        self.meta = self._initial_meta(config_name, config)
-        self.meta["signals"] = signals.watch(self) if handle_signals else []
-        self._write_meta()
+        self._listeners = Listeners(self.world.is_writer)
+        self.meta_path = self.layout.meta
+        self.meta = RunMeta(self.files, self.meta_path, {
+            "run_id": self.run_id,
+            "config_name": config_name,
+            "config": plain_config(config),
+            "versions": {"monitor": __version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "world_size": self.world.world_size,
+            "backend": self.world.backend,
+            "participation": self._participation_meta(),
+            "host": socket.gethostname(),
+            "start_time": self.start_time,
+            "schema_version": records.SCHEMA_VERSION,
+            "signals": signals.watch(self) if handle_signals else [],
+        }, start_time=self.start_time)
+        # after a failed write, the first write that works again rewrites meta (degraded)
+        self.files.health.on_recovery = _weak_call(self.meta.write)
         _live[key] = weakref.ref(self)
 
     @property
@@ -210,7 +189,7 @@ class MonitorSession:
 
     @property
     def resumed(self) -> bool:
-        return bool(self.meta["resumed"])
+        return self.meta.resumed
 
     @property
     def degraded(self) -> bool:
@@ -220,50 +199,33 @@ class MonitorSession:
     # -- listeners: integrations fed with the records rank 0 writes ------------------------
 
     def add_listener(self, listener: Listener) -> None:
-        """Call ``listener.publish(part, kind, record)`` after each record rank 0 writes,
-        and ``listener.close()`` when the run is finalized (see ``monitor.integrations``).
-
-        ``part`` is ``"train"`` or an observer's part (``"lfp"``, ...); ``kind`` is the
-        mode for training records, else ``"events"``, ``"detailed"`` or ``"alert"``.
-        Records are the plain dicts of the JSONL files, already reduced: a listener adds no
-        collective and no host sync. Only the writing rank keeps listeners (elsewhere this
-        does nothing). A listener that raises is warned about once and dropped.
+        """Call ``listener.publish(part, stream, record)`` after each record rank 0 writes,
+        and ``listener.close()`` when the run ends (see :mod:`monitor.integrations.fanout`
+        for the arguments). A listener adds no collective and no host sync; only the
+        writing rank keeps listeners (elsewhere this does nothing). One that raises is
+        warned about once and dropped.
         """
-        if not (callable(getattr(listener, "publish", None))
-                and callable(getattr(listener, "close", None))):
-            raise TypeError("a listener needs publish(part, kind, record) and close() methods, "
-                            f"got {type(listener).__name__}")
-        if self.world.is_writer and not self._closed_listeners:
-            self._listeners.append(listener)
+        self._listeners.add(listener)
 
     @property
     def listeners(self) -> list[Listener]:
         return list(self._listeners)
 
-    def publish(self, part: str, kind: str, record: dict) -> None:
+    def publish(self, part: str, stream: str, record: dict) -> None:
         """Hand a record that was just written to every listener (rank 0 only)."""
-        for listener in list(self._listeners):
-            try:
-                listener.publish(part, kind, record)
-            except Exception as exc:  # noqa: BLE001 - an integration must not kill training
-                self._drop_listener(listener, "publish", exc)
+        self._listeners.publish(part, stream, record)
 
-    def close_listeners(self) -> None:
-        """Close every listener (at finalize). Idempotent."""
-        self._closed_listeners = True
-        listeners, self._listeners = self._listeners, []
-        for listener in listeners:
-            try:
-                listener.close()
-            except Exception as exc:  # noqa: BLE001 - finalize must complete
-                self._drop_listener(listener, "close", exc)
+    # -- steps and flushes ------------------------------------------------------------------
 
-    def _drop_listener(self, listener: Listener, what: str, exc: Exception) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-        warnings.warn(f"monitor: {type(listener).__name__}.{what} failed "
-                      f"({type(exc).__name__}: {exc}); that integration is turned off, "
-                      "training and the JSONL logs go on", RuntimeWarning, stacklevel=4)
+    def log_step(self, step: int) -> None:
+        """The run is at ``step``: flush what an earlier step made due (every part of the
+        session together), then mark what ``step`` makes due."""
+        self.scheduler.advance(check_step(step))
+
+    def flush_all(self) -> None:
+        """Reduce and write whatever every stream of the session holds, in one fused flush
+        (a collective: call it on every rank)."""
+        self.scheduler.flush(list(self.scheduler.streams))
 
     @property
     def device(self) -> torch.device:
@@ -290,6 +252,7 @@ class MonitorSession:
         """
         if not self._segment_started:
             self.start_segment()
+        note = None
         if self.world.initialized and not distributed.group_alive():
             self._warn_group_gone()
             if not self.world.is_writer:
@@ -301,7 +264,6 @@ class MonitorSession:
             if reducer is None:
                 return None, None
             union, reduced = reducer.reduce(layout, rows, step, mode)
-            note = None
         out, start = {}, 0
         for group, names in union.items():
             out[group] = (names, reduced[start : start + len(names)])
@@ -327,21 +289,9 @@ class MonitorSession:
                       "finalize() before destroy_process_group() for global statistics",
                       RuntimeWarning, stacklevel=2)
 
-    def update_meta(self, **fields) -> None:
-        self.meta.update(fields)
-        self._write_meta()
-
-    def _write_meta(self) -> None:
-        if os.getpid() != self.pid:
-            return  # a forked child never writes its parent's run
-        self.files.health.meta_stale = False  # what is written now shows every failure
-        self.meta.update(self.files.health.as_meta())
-        self.files.write_json(self.meta_path, self.meta)
-
     def _record_participation(self) -> None:
         if self.meta["participation"]["decision"] != self.participation.decision:
-            self.meta["participation"] = self._participation_meta()
-            self._write_meta()
+            self.meta.update(participation=self._participation_meta())
 
     # -- segments (resume) ----------------------------------------------------------------
 
@@ -361,9 +311,9 @@ class MonitorSession:
             return
         self._segment_started = True
         first = self.first_step
-        self.meta["segments"][-1]["first_step"] = first
+        self.meta.segment["first_step"] = first
         if self.resumed and self.files.is_writer:
-            number = len(self.meta["segments"])
+            number = self.meta.segment_number
             for relative, on_resume in self._stream_files:
                 lines = self.files.read_jsonl(relative)
                 live = records.live_records(lines)
@@ -373,12 +323,12 @@ class MonitorSession:
                                                    len(live) - len(kept))
                     self.files.jsonl(relative).write(marker)
                 on_resume(kept)
-        self._write_meta()
+        self.meta.write()
 
     # -- the end --------------------------------------------------------------------------
 
-    def on_exit(self, finisher: Callable[[str, str | None], None],
-                summary: Callable[[str, str | None], None] | None = None) -> None:
+    def on_exit(self, finisher: Callable[[str, str | None], object],
+                summary: Callable[[str, str | None], object] | None = None) -> None:
         """``finisher(status, error)`` is called by the exit handler and by
         :meth:`terminate` if the session was not finished (it must not communicate;
         ``status`` is ``"failed"``, ``"incomplete"`` or ``"terminated"``). ``summary(status,
@@ -389,21 +339,24 @@ class MonitorSession:
             self._summary_writers.append(summary)
 
     def finish(self, status: str, error: str | None = None) -> None:
-        """Write the end into meta (status, error, end time) and release the run folder.
-
-        In a process forked from the one that built the session, only releases.
-        """
+        """Close the listeners, write the end into meta (status, error, end time) and
+        release the run folder. In a process forked from the one that built the session,
+        only releases."""
         if self.closed:
             return
-        if os.getpid() == self.pid:
-            self._write_end(status, error)
-        self.close()
+        self._listeners.close()
+        self._end(status, error)
 
     def _write_end(self, status: str, error: str | None) -> None:
         self.start_segment()
         end = time.time()
-        self.meta["segments"][-1].update(end_time=end, status=status)
-        self.update_meta(end_time=end, status=status, error=error)
+        self.meta.segment.update(end_time=end, status=status)
+        self.meta.update(end_time=end, status=status, error=error)
+
+    def _end(self, status: str, error: str | None) -> None:
+        if os.getpid() == self.pid:
+            self._write_end(status, error)
+        self.close()
 
     def close(self) -> None:
         """Release the lock and the exit handler (no file is written)."""
@@ -417,7 +370,11 @@ class MonitorSession:
 
     def abandon(self) -> None:
         """The exit handler: finish every part that was never finished, without a
-        collective (other ranks may be gone). Nothing in a forked child."""
+        collective (other ranks may be gone). Nothing in a forked child.
+
+        An uncaught exception is ``"failed"`` with its type; ``sys.exit(n)`` with n != 0
+        is ``"failed"`` with ``"SystemExit(n)"``; any other exit ``"incomplete"``.
+        """
         if self.closed or os.getpid() != self.pid:
             return
         error_type = getattr(sys, "last_type", None)
@@ -432,7 +389,8 @@ class MonitorSession:
             for finisher in list(self._finishers):
                 finisher(status, error)
         finally:
-            self.finish(status, error)
+            if not self.closed:
+                self._end(status, error)  # listeners are left to their own exit handlers
 
     def terminate(self, signal_name: str) -> None:
         """End the run at a signal, as the exit handler would, with status ``"terminated"``
@@ -456,7 +414,7 @@ class MonitorSession:
         status, error = "terminated", signal_name
         locked = self.lock.acquire(timeout=TERMINATE_WAIT_S)
         try:
-            self._listeners, self._closed_listeners = [], True
+            self._listeners.abandon()
             self._write_end(status, error)
             for write_summary in list(self._summary_writers):
                 write_summary(status, error)
@@ -471,8 +429,8 @@ class MonitorSession:
 
     def _participation_meta(self) -> dict:
         decision = self.participation.decision
-        part = {"requested": self.participation.mode, "decision": decision,
-                "reason": self.participation.reason}
+        part: dict[str, object] = {"requested": self.participation.mode,
+                                   "decision": decision, "reason": self.participation.reason}
         if decision is None:
             part.update(decision="pending", statistics="pending (decided at the first flush)")
         elif decision in (distributed.ALL_RANKS, distributed.SINGLE_PROCESS):
@@ -480,26 +438,6 @@ class MonitorSession:
         else:
             part.update(statistics="local", contributing_ranks=[0])
         return part
-
-    def _initial_meta(self, config_name, config) -> dict:
-        previous = self.files.read_json(self.meta_path)
-        segments = list(previous.get("segments", [])) if previous else []
-        segments.append({"start_time": self.start_time, "pid": os.getpid(), "first_step": None})
-        return {
-            "run_id": self.run_id,
-            "config_name": config_name,
-            "config": _plain(config),
-            "versions": {"monitor": __version__, "torch": torch.__version__,
-                         "python": platform.python_version()},
-            "world_size": self.world.world_size,
-            "backend": self.world.backend,
-            "participation": self._participation_meta(),
-            "host": socket.gethostname(),
-            "start_time": self.start_time,
-            "schema_version": records.SCHEMA_VERSION,
-            "resumed": previous is not None,
-            "segments": segments,
-        }
 
 
 _live: dict[tuple[str, str], weakref.ref] = {}
@@ -513,19 +451,26 @@ def _key(session: MonitorSession) -> tuple[str, str]:
 def _claim(session: MonitorSession) -> tuple[str, str]:
     """Refuse a second live session on the same run folder and run id in this process."""
     key = _key(session)
-    for attempt in range(2):
-        ref = _live.get(key)
-        first = None if ref is None else ref()
-        if first is None or first.closed or first.pid != os.getpid():
-            return key
-        if attempt == 0:
-            del first
-            gc.collect()  # a monitor dropped without finalize() may only wait for the collector
+    first = _live_at(key)
+    if first is not None:
+        del first
+        gc.collect()  # a monitor dropped without finalize() may only wait for the collector
+        first = _live_at(key)
+    if first is None:
+        return key
     raise RunDirLockedError(
         f"run_dir {str(session.run_dir)!r} with run_id {session.run_id!r} is already written by "
         f"a live monitor of this process (built at {first.built_at}); finalize() it first, "
         "share it (the CogVLA facade's parts share one session), or give this one another "
         "run_id")
+
+
+def _live_at(key: tuple[str, str]) -> MonitorSession | None:
+    ref = _live.get(key)
+    first = None if ref is None else ref()
+    if first is None or first.closed or first.pid != os.getpid():
+        return None
+    return first
 
 
 def _release(session: MonitorSession) -> None:
@@ -538,7 +483,7 @@ def _release(session: MonitorSession) -> None:
 def _caller() -> str:
     """``file:line`` of the first frame outside the monitor package (who built it)."""
     package = os.path.dirname(os.path.abspath(__file__))
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame = frame.f_back
     if frame is None:
@@ -586,7 +531,7 @@ def _watch_sys_exit() -> None:
     if getattr(real, "_monitor_wrapper", False):
         return
 
-    def exit(status=None):  # noqa: A001 - stands in for sys.exit
+    def exit(status: str | int | None = None) -> None:
         global _requested_exit
         _requested_exit = SystemExit(status)
         real(status)
@@ -594,7 +539,7 @@ def _watch_sys_exit() -> None:
     exit._monitor_wrapper = True  # type: ignore[attr-defined]
     exit.__doc__ = real.__doc__
     exit.__wrapped__ = real  # type: ignore[attr-defined]
-    sys.exit = exit
+    sys.exit = exit  # type: ignore[assignment]
 
 
 class _ExitGuard:
@@ -612,36 +557,3 @@ class _ExitGuard:
 def _before(rec: dict, first: int) -> bool:
     step = rec.get("step")
     return not isinstance(step, int) or step < first
-
-
-class Listener:
-    """What ``MonitorSession.add_listener`` takes (any object with these two methods)."""
-
-    def publish(self, part: str, kind: str, record: dict) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-def _plain(config) -> dict | None:
-    """A JSON-able copy of a config mapping or dataclass (unknown values as their repr)."""
-    if config is None:
-        return None
-    if hasattr(config, "__dataclass_fields__"):
-        config = {f: getattr(config, f) for f in config.__dataclass_fields__}
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping or a dataclass, got {type(config).__name__}")
-    return {str(k): _jsonable(v) for k, v in config.items()}
-
-
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)

@@ -45,8 +45,7 @@ import os
 import signal
 import threading
 import weakref
-from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger("monitor")
 
@@ -61,7 +60,7 @@ _sessions: list[weakref.ref] = []  # live sessions, in the order they were built
 _registry_lock = threading.Lock()
 _ending = threading.RLock()  # the watcher and the main thread's handler end runs one at a
 # time; re-entrant: a second signal can interrupt the main thread while it writes
-_previous: dict[int, Callable | int] = {}  # signum -> disposition before the monitor's
+_previous: dict[int, Any] = {}  # signum -> disposition before the monitor's (a handler)
 _wakeup: tuple[int, int] | None = None  # the pipe: (read end, write end = the wakeup fd)
 _pid: int | None = None  # the process that installed the handlers
 

@@ -34,39 +34,47 @@ The first time a metric of a mode has non-finite values in a record, an alert li
 from __future__ import annotations
 
 import contextlib
-import logging
-import math
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
-from monitor.integrations import add_integrations, require
-from monitor.records import (
-    SummaryTracker,
-    alert_record,
-    metrics_of,
-    nonfinite_alerts,
-    record,
-)
-from monitor.schedule import check_interval, check_step
-from monitor.session import MonitorSession, check_bool, exit_status
+from monitor.checks import check_bool, check_positive_int
+from monitor.integrations import add_integrations, check_extras
+from monitor.layout import TRAIN
+from monitor.part import PartWriter
+from monitor.records import metrics_of, record
+from monitor.schedule import check_step
+from monitor.session import MonitorSession, exit_status
 from monitor.slots import StatSlots, as_samples
 from monitor.streams import Stream
 
-log = logging.getLogger("monitor")
-
 MODES = ("train", "eval", "val", "test")
-SUMMARY_EVERY_S = 30.0
-"""The running summary is rewritten after a record at most this often (and at finalize)."""
+
+AddValues = Callable[[str, dict], None]
+"""Where a handle's values go: ``add(mode, {name: samples})``."""
+
+
+def _discard(mode: str, values: dict) -> None:
+    pass
 
 
 class StepHandle:
-    """What ``Monitor.step`` yields: ``log()`` adds values to the current step."""
+    """What ``Monitor.step`` yields: ``log()`` adds values to the current step.
 
-    def __init__(self, monitor: Monitor, step: int, mode: str) -> None:
-        self._monitor, self.step, self.mode = monitor, step, mode
+    Args:
+        add: receives ``(mode, {name: samples})`` for each ``log()`` call.
+        step, mode: the context's step and mode.
+    """
+
+    def __init__(self, add: AddValues, step: int, mode: str) -> None:
+        self._add, self.step, self.mode = add, step, mode
         self._open = True
+
+    @classmethod
+    def discarding(cls, step: int, mode: str) -> StepHandle:
+        """A handle whose ``log()`` checks its arguments and keeps nothing."""
+        return cls(_discard, step, mode)
 
     def log(self, extra: Mapping[str, object] | None = None, **metrics: object) -> None:
         """Log metrics: each keyword and each key of ``extra`` is one metric.
@@ -95,7 +103,7 @@ class StepHandle:
             sample = as_samples(name, value)
             if sample is not None:
                 values[name] = sample
-        self._monitor._add(self.mode, values)
+        self._add(self.mode, values)
 
 
 class _ModeStream(Stream):
@@ -117,9 +125,9 @@ class _ModeStream(Stream):
         self.dirty = False
         return order, rows
 
-    def emit(self, label: int, names: list[str], rows, note: dict | None = None) -> None:
+    def emit(self, step: int, names: list[str], rows, note: dict | None = None) -> None:
         self.slots.declare(names)  # adopt the union so the next flush takes the fast path
-        self.monitor._write_record(label, self.mode, metrics_of(names, rows), note)
+        self.monitor._write_record(step, self.mode, metrics_of(names, rows), note)
 
     def devices(self):
         return self.slots.devices
@@ -151,7 +159,7 @@ class Monitor:
         whoever built it adds integrations (``monitor.integrations.add_integrations``).
 
     ``log()`` and ``step()`` may be called from several threads: every value is counted
-    once (a lock guards the slots; it costs well under a microsecond per call).
+    once (the session's lock guards the slots; it costs well under a microsecond a call).
     """
 
     def __init__(
@@ -170,11 +178,10 @@ class Monitor:
         console: bool = True,
         handle_signals: bool = True,
     ) -> None:
-        log_interval = check_interval("log_interval", log_interval)
+        log_interval = check_positive_int("log_interval", log_interval)
         check_bool("tensorboard", tensorboard)
         check_bool("wandb", wandb, none_ok=True)
         check_bool("console", console)
-        check_bool("handle_signals", handle_signals)
         if config is not None and not isinstance(config, Mapping):
             raise TypeError(f"config must be a mapping or None, got {type(config).__name__}")
         train = _ModeStream(self, "train", log_interval)
@@ -187,10 +194,7 @@ class Monitor:
         if session is None:
             if run_dir is None or run_id is None:
                 raise TypeError("Monitor needs run_dir and run_id (or a session)")
-            if tensorboard:  # a missing extra fails before any file is written
-                require("tensorboard", "tensorboard", "tensorboard=True")
-            if wandb:
-                require("wandb", "wandb", "wandb=True")
+            check_extras(tensorboard=tensorboard, wandb=wandb)  # before any file is written
             meta_config = {**(dict(config) if config else {}), "log_interval": log_interval}
             session = MonitorSession(
                 run_dir, run_id, config_name=config_name, config=meta_config,
@@ -203,22 +207,26 @@ class Monitor:
         self._scheduler = session.scheduler
         self._scheduler.add(train)
         self._streams: dict[str, _ModeStream] = {"train": train}
-        self._sink = session.files.jsonl(f"monitor_logs/{self.run_id}.jsonl")
-        self.jsonl_path = session.files.path(f"monitor_logs/{self.run_id}.jsonl")
-        self.summary_path = session.files.path(f"monitor_logs/{self.run_id}_summary.json")
+        layout = session.layout
+        self.writer = PartWriter(session, TRAIN, {"records": layout.stream(TRAIN)},
+                         alert_file="records", scope_key="mode",
+                         summary_path=layout.summary(TRAIN),
+                         scope_of=lambda key, rec: rec.get("mode", "train"))
+        self.jsonl_path = self.writer.paths["records"]
+        self.summary_path = self.writer.summary_path
         self._last: int | None = None
-        self._summary = SummaryTracker()
-        self._summary_written_at = -math.inf
         self._finalized = False
-        self.alerts: list[dict] = []
-        self._nonfinite_seen: set[tuple[str, str]] = set()
-        session.register_stream_file(f"monitor_logs/{self.run_id}.jsonl", self._on_resume)
-        session.on_exit(self._finish, summary=self._write_summary)
+        session.on_exit(self.finish, summary=self.writer.write_summary)
         # Gradient accumulation shows as several train contexts at one step number. Once
         # the run has shown that, a due record waits for the first call with a later step
         # (so every micro-batch of the due step is in it) instead of the context's exit.
         self._train_contexts_here = 0
         self._accumulating = False
+
+    @property
+    def alerts(self) -> list[dict]:
+        """The alert records written so far (and a resumed run's earlier ones)."""
+        return self.writer.alerts
 
     # -- public API ---------------------------------------------------------------------
 
@@ -232,7 +240,7 @@ class Monitor:
             ended = self.session.ended_by
             why = "finalize()" if ended is None else f"the run was ended by {ended}"
             warnings.warn(f"Monitor.step() after {why}: ignored", RuntimeWarning, stacklevel=3)
-            yield StepHandle(_Discard(), step, mode)
+            yield StepHandle.discarding(step, mode)
             return
         self._advance(step)
         with self.session.lock:
@@ -243,16 +251,16 @@ class Monitor:
             stream = self._streams.get(mode)
             if stream is None:
                 stream = self._streams[mode] = _ModeStream(self, mode, None)
-                self._scheduler.local_only.append(stream)
+                self._scheduler.local_only.append(stream)  # a signal's end still writes it
             stream.dirty = True
-        handle = StepHandle(self, step, mode)
+        handle = StepHandle(self._add, step, mode)
         try:
             yield handle
         finally:
             handle._open = False
         # Only on a clean exit: a rank that raised must not start a collective alone.
         if mode != "train":
-            self._scheduler.flush([stream], mode=mode, label=step)
+            self._scheduler.flush([stream], mode=mode, step=step)
         elif self._scheduler.is_due(stream, step) and not self._accumulating:
             self._scheduler.flush_due(step)
 
@@ -274,23 +282,26 @@ class Monitor:
         """
         if status not in ("completed", "failed"):
             raise ValueError(f"status must be 'completed' or 'failed', got {status!r}")
-        return self._finish(status, None)
+        return self.finish(status)
 
     def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self._finish("completed", None)
+            self.finish("completed")
         else:
-            self._finish(*exit_status(exc))
+            self.finish(*exit_status(exc))
 
-    # -- internals ----------------------------------------------------------------------
+    def finish(self, status: str, error: str | None = None) -> str:
+        """End this part with any status (what ``finalize``, the context manager, the
+        CogVLA facade and the exit handler call). Idempotent.
 
-    def _finish(self, status: str, error: str | None) -> str:
-        """End the run: ``"completed"`` flushes what is pending (a collective); any other
-        status (``"failed"``, ``"incomplete"`` from the exit handler, ``"terminated"`` at a
-        signal) only writes files."""
+        ``"completed"`` writes what is pending (a collective: every rank calls it); any
+        other status (``"failed"``, ``"incomplete"``, ``"terminated"``) only writes files. ``error``
+        (an exception's type name) goes into the summary and meta. Returns the summary
+        path.
+        """
         if self._finalized:
             return str(self.summary_path)
         self._finalized = True
@@ -306,20 +317,21 @@ class Monitor:
         finally:
             for stream in self._streams.values():
                 self._scheduler.remove(stream)
-            self._write_summary(status, error)
+            self.writer.finish(status, error)
             if self._owns_session:
-                self.session.close_listeners()
                 self.session.finish(status, error)
             else:
-                self.session.update_meta(end_time=time.time(), status=status, error=error)
+                self.session.meta.update(end_time=time.time(), status=status, error=error)
         return str(self.summary_path)
+
+    # -- internals ----------------------------------------------------------------------
 
     def _advance(self, step: int) -> None:
         with self.session.lock:
             if self._last is not None and step > self._last:
                 self._train_contexts_here = 0
             self._last = step if self._last is None else max(self._last, step)
-        self._scheduler.advance(step)
+        self.session.log_step(step)
 
     def _add(self, mode: str, values: dict) -> None:
         with self.session.lock:  # threads: every value counted once
@@ -329,47 +341,8 @@ class Monitor:
 
     def _write_record(self, step: int, mode: str, metrics: dict,
                       note: dict | None = None) -> None:
-        if not metrics:
-            return
-        rec = record(step, mode, self.session.world_size, metrics)
-        if note is not None:
-            rec["rank_local"] = note
-        written = self._sink.write(rec)
-        self.session.publish("train", mode, rec)
-        if written:  # the summary counts what reached the disk
-            self._summary.add(step, mode, metrics)
-        for alert in nonfinite_alerts(metrics, self._nonfinite_seen, "mode", mode):
-            self._alert(step, alert)
-        if time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_S:
-            self._write_summary("running", None)
-
-    def _alert(self, step: int, alert: dict) -> None:
-        rec = alert_record(step, self.session.world_size, alert)
-        self.alerts.append(rec)
-        self._sink.write(rec)
-        self.session.publish("train", "alert", rec)
-        if self.session.world.is_writer:
-            log.warning("monitor alert at step %d: %s", step, alert)
-
-    def _on_resume(self, kept: list[dict]) -> None:
-        """Seed the summary with the earlier segments' live records (resumed run)."""
-        for rec in kept:
-            if isinstance(rec.get("metrics"), dict):
-                self._summary.add(rec["step"], rec.get("mode", "train"), rec["metrics"])
-            elif isinstance(rec.get("alert"), dict):
-                self.alerts.append(rec)
-
-    def _write_summary(self, status: str, error: str | None) -> None:
-        self._summary_written_at = time.monotonic()
-        if status != "running":
-            self.session.start_segment()  # a resumed run that never flushed still seeds
-        summary = self._summary.to_dict(self.run_id, self.session.start_time, status, error)
-        summary.update(alerts=self.alerts, degraded=self.session.degraded)
-        # Rewritten often while running: compact, and fsynced only once the run has ended.
-        self.session.files.write_json(f"monitor_logs/{self.run_id}_summary.json", summary,
-                                      pretty=False, durable=status != "running")
-
-
-class _Discard:
-    def _add(self, mode: str, values: dict) -> None:
-        pass
+        if metrics:
+            rec = record(step, mode, self.session.world_size, metrics)
+            if note is not None:
+                rec["rank_local"] = note
+            self.writer.write("records", mode, rec)

@@ -19,8 +19,8 @@ from test_reliability import SCRIPT, WAIT_S, script
 from workers import read_jsonl
 
 from monitor import Monitor
+from monitor.layout import RunLayout
 from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
-from monitor.session import LONGEST_SUFFIX
 from monitor.sinks import RunDirLockedError
 
 assert SCRIPT.exists()
@@ -135,7 +135,7 @@ def test_finalize_after_destroy_process_group_completes_with_rank_local_values(
     run_dir = tmp_path / "run"
     out = run_world(reliability_workers.finalize_after_destroy, 2, tmp_path, timeout=90,
                     teardown=False, run_dir=str(run_dir), facade=facade)
-    for rank, caught in enumerate(out):
+    for caught in out:
         assert len(caught) == 1 and "finalize() before destroy_process_group()" in caught[0]
     records = read_jsonl(run_dir / "monitor_logs" / "gone.jsonl")
     assert [r["step"] for r in records] == [0, 2, 4, 5]
@@ -181,7 +181,8 @@ def test_session_config_that_is_not_a_mapping_is_refused(tmp_path):
 
 
 def test_the_longest_run_id_allowed_writes_every_file(tmp_path):
-    limit = os.pathconf(tmp_path, "PC_NAME_MAX") - LONGEST_SUFFIX
+    suffix = RunLayout("x").longest_name() - 1  # what the longest name adds to the run id
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX") - suffix
     run_id = "x" * limit
     with CogVLAMonitoring(run_dir=tmp_path / "r", run_id=run_id, cfg=CogVLAMonitoringConfig(
             console=False)) as mon:
