@@ -35,6 +35,7 @@ import torch
 from monitor.checks import as_int, check_bool, check_positive_int
 from monitor.integrations import add_integrations, check_extras
 from monitor.observer import Observer
+from monitor.part import FinishesOnExit, check_final_status
 from monitor.pruning.adapters import unwrap
 from monitor.pruning.adapters.cogvla_wiring import (
     CogVLAAggregationAdapter,
@@ -47,7 +48,7 @@ from monitor.pruning.film import FiLMObserver
 from monitor.pruning.moe import MoERouterObserver
 from monitor.pruning.routing import PruningObserver
 from monitor.schedule import check_step
-from monitor.session import MonitorSession, exit_status
+from monitor.session import MonitorSession
 from monitor.train import Monitor, StepHandle
 
 PARTS = ("train", "lfp", "film", "moe", "aggr")
@@ -135,7 +136,7 @@ class CogVLAMonitoringConfig:
         self.film_sample_layers = layers
 
 
-class CogVLAMonitoring:
+class CogVLAMonitoring(FinishesOnExit):
     """The CogVLA facade: the training monitor and the four observers on one session.
 
     Args:
@@ -269,9 +270,7 @@ class CogVLAMonitoring:
         ``status="failed"`` writes the summaries and meta without a collective (what the
         context manager form does when the block raised).
         """
-        if status not in ("completed", "failed"):
-            raise ValueError(f"status must be 'completed' or 'failed', got {status!r}")
-        return self.finish(status)
+        return self.finish(check_final_status(status))
 
     def finish(self, status: str, error: str | None = None) -> dict[str, str]:
         """End every part with any status (``finalize``, the context manager); ``error``
@@ -294,15 +293,6 @@ class CogVLAMonitoring:
             self._paths = paths
             self.session.finish(status, error)
         return dict(paths)
-
-    def __enter__(self) -> CogVLAMonitoring:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finish("completed")
-        else:
-            self.finish(*exit_status(exc))
 
 
 __all__ = [
