@@ -23,6 +23,7 @@ content.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import re
@@ -223,10 +224,51 @@ def shape_problem(rec: object) -> str | None:
     for name, value in metrics.items():
         if not isinstance(value, dict):
             return f"metric {name!r} is not an object"
-        mean = value.get("mean")
-        if mean is not None and (isinstance(mean, bool) or not isinstance(mean, numbers.Real)):
-            return f"metric {name!r} has a mean of {mean!r}"
+        for key in VALUE_FIELDS:
+            problem = _value_problem(key, value.get(key, _MISSING))
+            if problem is not None:
+                return f"metric {name!r} has {problem}"
     return None
+
+
+VALUE_FIELDS = ("mean", "std", "min", "max", "count", "nonfinite")
+"""The fields of every reduced value object (see ``monitor/README.md``)."""
+_MISSING = object()
+
+
+def _value_problem(key: str, value: object) -> str | None:
+    """Why ``value`` cannot be field ``key`` of a value object (None when it can): the
+    moments are null or finite numbers, the counts ints >= 0 (the writer never writes NaN
+    or Infinity, which Python's reader would accept)."""
+    if value is _MISSING:
+        return f"no {key!r}"
+    if key in ("count", "nonfinite"):
+        return None if _is_int(value) and value >= 0 else f"a {key} of {value!r}"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):
+        return f"a {key} of {value!r}"
+    return None
+
+
+def has_records(path: str | os.PathLike) -> bool:
+    """Whether the JSONL file at ``path`` holds at least one whole line of the record shape
+    (reads only up to the first one; never raises, never warns)."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    return False  # the last line, cut short
+                try:
+                    rec = json.loads(line.decode("utf-8"))
+                except ValueError:
+                    continue
+                if shape_problem(rec) is None:
+                    return True
+    except OSError:
+        return False
+    return False
 
 
 def read_json(path: str | os.PathLike) -> dict | None:

@@ -173,7 +173,7 @@ class MonitorSession:
             "start_time": self.start_time,
             "schema_version": records.SCHEMA_VERSION,
             "signals": signals.watch(self) if handle_signals else [],
-        }, start_time=self.start_time)
+        }, start_time=self.start_time, records_exist=self.files.holds_records(self.layout))
         # after a failed write, the first write that works again rewrites meta (degraded)
         self.files.health.on_recovery = _weak_call(self.meta.write)
         _live[key] = weakref.ref(self)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor._log import warn_or_log
-from monitor.layout import LOCK_NAME, RunLayout, read_json, read_records
+from monitor.layout import LOCK_NAME, RunLayout, has_records, read_json, read_records
 
 
 class RunDirLockedError(RuntimeError):
@@ -245,6 +245,11 @@ class RunFiles:
     def read_jsonl(self, relative: str) -> list[dict]:
         """The records of a JSONL file, read by :func:`monitor.layout.read_records`."""
         return read_records(self.path(relative))
+
+    def holds_records(self, layout: RunLayout) -> bool:
+        """Whether any stream of ``layout``'s run already holds a record here."""
+        return any(has_records(self.path(relative)) for part in layout.parts_in(self.root)
+                   for relative in (layout.stream(part), layout.detailed(part)))
 
     def write_json(self, relative: str, obj: dict, *, pretty: bool = True,
                    durable: bool = True) -> bool:
@@ -482,6 +487,9 @@ class NullRunFiles:
 
     def read_jsonl(self, relative: str) -> list[dict]:
         return []
+
+    def holds_records(self, layout: RunLayout) -> bool:
+        return False
 
     def write_json(self, relative: str, obj: dict, *, pretty: bool = True,
                    durable: bool = True) -> bool:
