@@ -243,7 +243,8 @@ def _value_problem(key: str, value: object) -> str | None:
     if value is _MISSING:
         return f"no {key!r}"
     if key in ("count", "nonfinite"):
-        return None if _is_int(value) and value >= 0 else f"a {key} of {value!r}"
+        return None if isinstance(value, int) and _is_int(value) and value >= 0 \
+            else f"a {key} of {value!r}"
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) \

@@ -17,16 +17,17 @@ from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringCo
 from monitor.testing import TinyCogVLAConfig, build_tiny_cogvla, synthetic_batch
 
 
-def first_run(run_dir, steps=range(10)):
+def first_run(run_dir):
     """Records 0..9 (interval 1), then a clean end."""
     with Monitor(run_dir=run_dir, run_id="r", log_interval=1, console=False) as mon:
-        for step in steps:
+        for step in range(10):
             with mon.step(step) as h:
                 h.log(loss=100.0 + step)
 
 
-def resume(run_dir, steps=range(5, 15)):
+def resume(run_dir, steps=None):
     """The run again from the checkpoint of step 5."""
+    steps = range(5, 15) if steps is None else steps
     mon = Monitor(run_dir=run_dir, run_id="r", log_interval=1, console=False)
     for step in steps:
         with mon.step(step) as h:
