@@ -13,10 +13,12 @@ built with ``handle_signals=True`` (the default) installs, process-wide:
   writes the signal's number to the wakeup fd (``signal.set_wakeup_fd``) at once, and the
   watcher thread, blocked on the other end, wakes up and does the work.
 
-Whichever comes first (the watcher or the main thread's handler; the other waits for it)
-calls :meth:`MonitorSession.terminate` on every live session of this process, in the
-order they were built: no collective, no wait on the device (see there). Then the signal
-goes on as it would have without the monitor:
+The watcher calls :meth:`MonitorSession.terminate` on every live session of this process,
+in the order they were built: no collective, no wait on the device (see there). The main
+thread's handler, when it runs, waits for that (it never ends the runs from inside the
+monitor's own critical section, where it may have stopped the main thread: then it lets
+the watcher finish after the section and get the signal back); without a watcher it ends
+them itself. Then the signal goes on as it would have without the monitor:
 
 * the previous disposition was the default (``SIG_DFL``): the process dies *by the
   signal* (exit status ``-SIGTERM`` as a parent sees it; torchrun reports it as such). The
@@ -44,6 +46,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import weakref
 from typing import Any, Protocol
 
@@ -53,16 +56,28 @@ HANDLED = (signal.SIGTERM, signal.SIGINT)
 
 
 class Terminable(Protocol):
+    closed: bool
+    lock: Any
+
     def terminate(self, signal_name: str) -> None: ...
 
 
+WATCHER_WAIT_S = 5.0
+"""How long the main thread's handler waits for the watcher thread to end the runs before
+it does so itself (the watcher normally takes milliseconds)."""
+
+
 _sessions: list[weakref.ref] = []  # live sessions, in the order they were built
-_registry_lock = threading.Lock()
+_registry_lock = threading.RLock()  # re-entrant: the main thread's handler may need it
 _ending = threading.RLock()  # the watcher and the main thread's handler end runs one at a
 # time; re-entrant: a second signal can interrupt the main thread while it writes
 _previous: dict[int, Any] = {}  # signum -> disposition before the monitor's (a handler)
 _wakeup: tuple[int, int] | None = None  # the pipe: (read end, write end = the wakeup fd)
 _pid: int | None = None  # the process that installed the handlers
+_watcher: threading.Thread | None = None
+_deferred: set[int] = set()  # signals the main thread left to the watcher (see _on_signal)
+_defer_lock = threading.RLock()  # deferring and taking a deferred signal, one at a time
+_redelivered: set[int] = set()  # signals the watcher sent back to the main thread
 
 
 def watch(session: Terminable) -> list[str]:
@@ -121,9 +136,11 @@ def _start_watcher() -> None:
         os.close(reader)
         os.close(writer)
         return
+    global _watcher
     _wakeup = (reader, writer)
-    threading.Thread(target=_watch, args=(reader,), name="monitor-signal-watcher",
-                     daemon=True).start()
+    _watcher = threading.Thread(target=_watch, args=(reader,), name="monitor-signal-watcher",
+                                daemon=True)
+    _watcher.start()
 
 
 def _watch(reader: int) -> None:
@@ -139,18 +156,71 @@ def _watch(reader: int) -> None:
             if signum in _previous and signal.getsignal(signum) is _on_signal:
                 _end_runs(signum)
                 if _previous[signum] is signal.SIG_DFL:
-                    _die_from_any_thread(signum)
+                    _die_from_any_thread(signum)  # returns only where libc is out of reach
+                with _defer_lock:
+                    if signum not in _deferred:
+                        continue
+                    _deferred.discard(signum)  # the main thread runs what comes next
+                    _redelivered.add(signum)
+                signal.pthread_kill(threading.main_thread().ident or 0, signum)
 
 
 def _on_signal(signum: int, frame) -> None:
-    """The Python-level handler (main thread): end the runs, then what was there before."""
-    _end_runs(signum)
+    """The Python-level handler (main thread): the runs' end, then what was there before.
+
+    The main thread may be stopped anywhere, also in the middle of the monitor's own
+    critical section (holding a session's lock: a record half written). Ending the runs
+    from there would see that half-done state, so where the watcher runs, the end is
+    always its work: interrupted inside the monitor, this handler returns at once (the
+    watcher ends the runs as soon as the section is left, then sends the signal back to
+    the main thread for what comes next); elsewhere it waits for the watcher (bounded by
+    :data:`WATCHER_WAIT_S`, then it ends them itself).
+    """
+    if signum in _redelivered:
+        _redelivered.discard(signum)
+    elif _watcher_running():
+        with _defer_lock:  # the watcher closes the runs before it looks: consistent
+            if _inside_the_monitor():
+                _deferred.add(signum)
+                return
+        _wait_for_the_watcher()
+    _end_runs(signum)  # nothing left to do once the watcher ended them
+    _chain(signum, frame)
+
+
+def _chain(signum: int, frame) -> None:
     previous = _previous.get(signum, signal.SIG_DFL)
     if callable(previous):
         previous(signum, frame)
         return
     signal.signal(signum, signal.SIG_DFL)  # die by the signal, as without the monitor
     os.kill(os.getpid(), signum)
+
+
+def _live_sessions() -> list[Terminable]:
+    with _registry_lock:
+        sessions = [r() for r in _sessions]
+    return [s for s in sessions if s is not None and not s.closed]
+
+
+def _watcher_running() -> bool:
+    """Whether the watcher thread gets the signals (its pipe is still the wakeup fd)."""
+    if _wakeup is None or _watcher is None or not _watcher.is_alive():
+        return False
+    current = signal.set_wakeup_fd(-1)  # (no other way to read it)
+    signal.set_wakeup_fd(current, warn_on_full_buffer=False)
+    return current == _wakeup[1]
+
+
+def _inside_the_monitor() -> bool:
+    """Whether this thread holds a live session's lock (is inside the monitor)."""
+    return any(getattr(s.lock, "_is_owned", lambda: False)() for s in _live_sessions())
+
+
+def _wait_for_the_watcher() -> None:
+    deadline = time.monotonic() + WATCHER_WAIT_S
+    while _live_sessions() and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def _end_runs(signum: int) -> None:
@@ -190,9 +260,12 @@ def _after_fork_in_child() -> None:
     signals as its own: its fd is pointed at ``/dev/null`` first, so nothing the child's
     C-level handler writes can reach the parent (or a file that reuses the fd number).
     """
-    global _wakeup, _pid
+    global _wakeup, _pid, _watcher
     with _registry_lock:
         _sessions.clear()
+    _deferred.clear()
+    _redelivered.clear()
+    _watcher = None  # threads do not survive a fork
     if _pid is None:
         return
     _pid = None

@@ -166,16 +166,23 @@ class FlushScheduler:
         try:
             reduced, note = self._reduce(layout, rows, max(labels[s.group] for s in streams),
                                          mode)
-        finally:
+        except BaseException:
             with self.lock:
-                taken = self._in_flight is not in_flight  # flush_local wrote them meanwhile
-                self._in_flight = None
-        if reduced is None or taken:
-            return
+                if self._in_flight is in_flight:
+                    self._in_flight = None
+            raise
+        # The rows stay in flight until their records are written, in one critical section:
+        # a signal's end (flush_local) either takes them before, or finds them written.
         with self.lock:
-            for s in streams:
-                names, host_rows = reduced[s.group]
-                s.emit(labels[s.group], names, host_rows, note)
+            if self._in_flight is not in_flight:
+                return  # flush_local wrote them meanwhile
+            try:
+                if reduced is not None:
+                    for s in streams:
+                        names, host_rows = reduced[s.group]
+                        s.emit(labels[s.group], names, host_rows, note)
+            finally:
+                self._in_flight = None
 
     def devices(self) -> set[torch.device]:
         """Every device holding values that :meth:`flush_local` would take."""

@@ -78,7 +78,8 @@ def worker(run_dir: str, start: int, end: int, interval: int, facade: bool) -> N
                 model(**synthetic_batch(model_cfg, batch_size=1, generator=gen))
         with mon.step(step) as h:
             h.log(loss=float(step))
-        print(step, flush=True)
+        if mon.session.ended_by is None:  # after a signal's end, steps are ignored
+            print(step, flush=True)
         time.sleep(0.01)
     mon.finalize()
     print("end", flush=True)

@@ -20,6 +20,10 @@ MODE:
     Under ``torchrun --nproc_per_node 2``: every rank logs a step every 20 ms (interval
     1000: after the first record, no collective for a long while, as under NCCL with a long
     interval); rank 1 raises at step 20, torchrun then sends SIGTERM to rank 0.
+``inside SIGNAME``
+    Records step 0, logs step 1 (pending), then sends itself SIGNAME while it holds the
+    session's lock, as if the signal came in the middle of the monitor's own work; prints
+    what it sees inside (``inside: open 1``), then ``left`` once out of it, and waits.
 ``fork_exit``
     The process forks; the child exits normally (its exit handlers run) while the parent
     goes on and finalizes: the parent's status must be the parent's.
@@ -114,6 +118,21 @@ def torchrun(run_dir: str) -> None:
         time.sleep(0.02)
 
 
+def inside(run_dir: str, name: str) -> None:
+    mon = Monitor(run_dir=run_dir, run_id="run", log_interval=1000, console=False)
+    with mon.step(0) as h:
+        h.log(loss=1.0)
+    with mon.step(1) as h:
+        h.log(loss=2.0)
+    with mon.session.lock:
+        os.kill(os.getpid(), getattr(signal, name))  # the main thread's handler runs here
+        time.sleep(0.3)  # the watcher waits for the lock meanwhile
+        lines = len(mon.jsonl_path.read_text().splitlines())
+        print("inside:", "closed" if mon.session.closed else "open", lines, flush=True)
+    print("left", flush=True)
+    time.sleep(60)  # the watcher ends the run, then the signal ends the process
+
+
 def fork_exit(run_dir: str) -> None:
     mon = Monitor(run_dir=run_dir, run_id="run", log_interval=1, console=False)
     with mon.step(0) as h:
@@ -131,5 +150,6 @@ def fork_exit(run_dir: str) -> None:
 
 if __name__ == "__main__":
     run_dir, mode, *args = sys.argv[1:]
-    {"lone": lone, "gloo": gloo, "torchrun": torchrun, "fork_exit": fork_exit}[mode](
+    {"lone": lone, "gloo": gloo, "torchrun": torchrun, "fork_exit": fork_exit,
+     "inside": inside}[mode](
         run_dir, *args)

@@ -179,3 +179,19 @@ def test_turned_off_the_monitor_leaves_signals_alone(tmp_path):
     mon.finalize()
     with pytest.raises(TypeError, match="handle_signals must be a bool, got 'no'"):
         Monitor(run_dir=tmp_path / "r", run_id="r", handle_signals="no")
+
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_that_stops_the_main_thread_inside_the_monitor_ends_the_run_after_it(
+        tmp_path, name):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "inside", name)
+    out, err = proc.communicate(timeout=WAIT_S)
+    # inside the monitor's lock (as in the middle of a record's write) the signal came,
+    # and nothing was ended under that section: the end came right after it
+    assert out.split() == ["inside:", "open", "1", "left"], err
+    assert proc.returncode == -getattr(signal, name)
+    assert_terminated(run_dir, name)
+    records = read_jsonl(run_dir / "monitor_logs" / "run.jsonl")
+    assert [(r["step"], r["metrics"]["loss"]["count"]) for r in records] == [(0, 1), (1, 1)]
