@@ -141,6 +141,7 @@ def test_host_sync_spy_sees_a_sync_made_by_monitor_code(tmp_path):
     film.finalize()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_hooks_on_cuda_tensors_never_sync_between_flushes(tmp_path):
     session = MonitorSession(tmp_path / "run", "cuda", participation="local")
