@@ -14,7 +14,8 @@ Sections:
 
 cuda_tests      ``pytest -m cuda`` of the suite in a subprocess (the tests marked ``cuda``).
 sync            The CogVLA stand-in trained for several steps under bf16 autocast with every
-                part of ``CogVLAMonitoring`` on and nothing due between the flushes:
+                part of ``CogVLAMonitoring`` on and nothing due between the flushes, after
+                one warm-up step (and validation forward):
                 ``torch.cuda.set_sync_debug_mode("error")`` inside the monitor's hooks and
                 its ``log_step``/``step`` calls (the stand-in's own forward syncs, as the real
                 CogVLA code does, so the mode is on in monitor code only), plus
@@ -41,6 +42,13 @@ overhead        The stand-in at the real widths and depths (Llama 4096 x 32 laye
                 (``torch.profiler``), each flush's wall time, peak memory with and without.
                 ``--cpu``: tiny widths, batch 2, a few steps (CPU ops counted, not kernels).
 
+Time on the GPU (caps are in the code; the rest are guesses until the first run): the
+pytest subprocess at most 180 s (~30 s expected), each world at most 150 s (~20 s: two
+spawned processes importing torch), sync ~20 s, overhead what is left (building ~9 B
+parameters, ~66 steps, two profiled forwards, finalize). The overhead loop stops early,
+and says so, when the deadline leaves less than 30 s plus 10 steps; no section starts with
+under 5 s left (the overhead section with under 60 s).
+
 Wall-clock figures depend on the machine: the ratio is measured side by side in one process.
 """
 
@@ -55,6 +63,7 @@ import json
 import logging
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -375,8 +384,14 @@ def check_cuda_tests(args, dl: Deadline, cuda: bool) -> dict:
         return {"status": "skipped", "reason": "pytest is not importable here"}
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
+        # only the files with cuda tests: a module that cannot import here (an extra the
+        # GPU machine lacks) must not stop the collection of the others
+        files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py")
+                       if "mark.cuda" in f.read_text())
+        if not files:
+            return {"status": "failed", "reason": "no test file is marked cuda"}
         cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={xml}", "tests"]
+               f"--junitxml={xml}", *files]
         if importlib.util.find_spec("xdist") is not None:
             cmd += ["-n", "0"]
         if importlib.util.find_spec("pytest_timeout") is None:  # pyproject sets `timeout`
@@ -454,7 +469,9 @@ def check_sync(args, dl: Deadline, device: torch.device) -> dict:
             hooks.sync_mode = None
         scoped = ScopedMonitor(mon, hooks, cuda)
         _train_step(fwd, opt, batch, mon, 0)  # step 0 is due everywhere
-        mon.log_step(1)  # ... and flushed here, outside the check
+        with torch.no_grad():  # the validation path warmed up too (cached constants)
+            fwd(**batch)
+        mon.log_step(1)  # step 0 is flushed here, outside the check
         if cuda:
             torch.cuda.synchronize()
         errors = []
@@ -850,6 +867,7 @@ class OverheadRun:
         self.mon.finalize()
         finalize_ms = (time.perf_counter() - t) * 1e3
         self.hooks.set(False)
+        self.hooks.entries.clear()  # they hold the modules
         records = part_records(self.run_dir, "overhead")
         self.model = self.opt = self.batch = self.fwd = None
         gc.collect()
@@ -1005,6 +1023,8 @@ def main(argv=None) -> int:
     name = "gpu-check-results-cpu.json" if args.cpu else "gpu-check-results.json"
     out_path = Path(args.out) if args.out else Path(os.environ.get("OUT") or ROOT) / name
     dl = Deadline(args.deadline_s)
+    # a hard timeout's SIGTERM unwinds like Ctrl-C: spawned ranks are killed, JSON kept
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                "mode": "cpu" if args.cpu else ("gpu" if cuda else "no CUDA"),
                "time": time.time(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -1030,9 +1050,11 @@ def main(argv=None) -> int:
             print(f"\n[{section}] ({dl.left():.0f} s left)", flush=True)
             try:
                 r = runners[section]()
-            except BaseException as exc:  # noqa: BLE001 - one failing section must not stop the rest
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
+            except (KeyboardInterrupt, SystemExit):
+                results["interrupted_in"] = section
+                out_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+                raise
+            except Exception as exc:  # noqa: BLE001 - one failing section must not stop the rest
                 r = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500],
                      "traceback": traceback.format_exc()[-3000:]}
             finally:
