@@ -114,12 +114,14 @@ class MonitorHooks:
         self.registered = True
 
     @contextlib.contextmanager
-    def capture(self):
+    def capture(self, scoped: bool = True):
+        """``scoped=False`` keeps the hooks as they are (no wrapper frame: the overhead
+        run times them exactly); the sync scope then never applies inside them."""
         originals = {name: getattr(torch.nn.Module, name) for name in self.METHODS}
 
         def make(original):
             def register(module, hook, *args, **kwargs):
-                wrapped = self._wrap(hook)
+                wrapped = self._wrap(hook) if scoped else hook
                 handle = original(module, wrapped, *args, **kwargs)
                 self.entries.append([original, module, wrapped, args, kwargs, handle])
                 return handle
@@ -351,8 +353,8 @@ def monitoring(run_dir: str, run_id: str, **cfg):
                             cfg=CogVLAMonitoringConfig(**cfg))
 
 
-def attach(mon, model, hooks: MonitorHooks) -> tuple[dict, list[str]]:
-    with hooks.capture(), warnings.catch_warnings(record=True) as caught:
+def attach(mon, model, hooks: MonitorHooks, scoped: bool = True) -> tuple[dict, list[str]]:
+    with hooks.capture(scoped), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # film_sample_layers' 26 is past DINOv2's 24 blocks
         counts = mon.attach(model)
     return counts, [str(w.message) for w in caught]
@@ -734,7 +736,7 @@ class OverheadRun:
         intervals = (self.mon.cfg.monitor_log_interval, self.mon.cfg.pruning_event_log_interval,
                      self.mon.cfg.detailed_log_interval)
         self.info["hooks"], self.info["attach_warnings"] = attach(self.mon, self.model,
-                                                                  self.hooks)
+                                                                  self.hooks, scoped=False)
         self.info["hooks_registered"] = sum(o.num_hooks for o in self.mon.observers.values())
         self.info["hooks_captured"] = len(self.hooks.entries)
         self.scoped = ScopedMonitor(self.mon, self.hooks, self.cuda,
