@@ -490,7 +490,10 @@ def check_sync(args, dl: Deadline, device: torch.device) -> dict:
                 errors.append(f"{type(exc).__name__}: {exc}"[:500])
             finally:
                 hooks.sync_mode = None
-        mon.finalize()  # flushes steps 1..N: syncs allowed
+        try:
+            mon.finalize()  # flushes steps 1..N: syncs allowed
+        except Exception as exc:  # noqa: BLE001 - report it with what the steps found
+            errors.append(f"finalize: {type(exc).__name__}: {exc}"[:500])
         hooks.set(False)
         records = part_records(run_dir, "sync")
     monitor_warnings = [str(w.message)[:300] for w in caught if "monitor" in str(w.message)]
@@ -956,8 +959,9 @@ def summary(name: str, r: dict) -> str:
     if name == "cuda_tests":
         return f"{r['passed']} passed, {r['skipped']} skipped"
     if name == "sync":
+        mode = "on" if r["sync_debug_mode"].startswith("error") else "skipped (no CUDA)"
         return (f"{r['steps_checked']} steps: {r['host_syncs_from_monitor']} host syncs from "
-                f"monitor code, sync debug mode {r['sync_debug_mode'].split(' ')[0]}")
+                f"monitor code; sync debug mode 'error': {mode}")
     if name in ("nccl_one_rank", "gloo_two_ranks"):
         return (f"{r['records']} records, {r['metrics_compared']} metrics = numpy (worst rel "
                 f"{r['worst_rel_error_mean_std']:.1e}); collectives/flush {r['collectives_per_flush']}")
