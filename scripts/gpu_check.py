@@ -24,7 +24,8 @@ sync            The CogVLA stand-in trained for several steps under bf16 autocas
 nccl_one_rank   A one-rank NCCL world: CUDA tensors of float64/float32/bfloat16, NaN and Inf
                 mixed in, logged for 12 steps; every record equals a float64 numpy reference
                 (count, non-finite count, min and max equal; mean and std to 1e-9
-                relative). One process reduces nothing: its collectives are counted (0).
+                relative). One process reduces nothing: its collectives are counted (0);
+                the group's own ``all_reduce`` is checked once.
 gloo_two_ranks  The same with two gloo ranks (two processes on the one GPU, CUDA tensors;
                 CPU tensors in ``--cpu`` mode), values reduced over both ranks: same
                 comparison, collectives per flush counted (3 at the first, then 2).
@@ -562,6 +563,9 @@ def world_worker(rank, world_size, *, run_dir, plan, device, backend=None, store
     if backend == "nccl":
         dist.init_process_group("nccl", store=dist.FileStore(store_path, world_size),
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+        probe = torch.arange(4.0, device=device)
+        dist.all_reduce(probe)  # the group itself works (the monitor issues none in a world of 1)
+        group_ok = bool((probe == torch.arange(4.0, device=device) * world_size).all())
     counter = count_collectives()
     try:
         mon = Monitor(run_dir=run_dir, run_id="world", log_interval=WORLD_INTERVAL,
@@ -580,7 +584,10 @@ def world_worker(rank, world_size, *, run_dir, plan, device, backend=None, store
         counter["restore"]()
         if backend == "nccl":
             dist.destroy_process_group()
-    return {"collectives_per_call": deltas}
+    out = {"collectives_per_call": deltas}
+    if backend == "nccl":
+        out["nccl_all_reduce_ok"] = group_ok
+    return out
 
 
 def compare_world(run_dir: Path, plan: list[list]) -> dict:
@@ -648,6 +655,8 @@ def check_world(args, dl: Deadline, device: torch.device, world_size: int,
                          init=backend == "gloo", **kwargs)
         result = compare_world(run_dir, plan)
     flushes = [d for d in outs[0]["collectives_per_call"] if d]
+    if "nccl_all_reduce_ok" in outs[0]:
+        result["nccl_all_reduce_ok"] = outs[0]["nccl_all_reduce_ok"]
     result.update(ranks=world_size, tensors_on=device.type, steps=WORLD_STEPS,
                   log_interval=WORLD_INTERVAL, collectives_per_flush=flushes,
                   collectives_total=sum(outs[0]["collectives_per_call"]))
@@ -660,7 +669,10 @@ def check_world(args, dl: Deadline, device: torch.device, world_size: int,
         problems.append(f"collectives per flush {flushes}, expected 3 then 2")
     if backend == "nccl":
         result["note"] = ("one process reduces nothing (identity): values on CUDA under an "
-                          "NCCL group, read back and compared; collectives counted")
+                          "NCCL group, read back and compared; collectives counted; the "
+                          "group's own all_reduce checked once")
+        if not result.get("nccl_all_reduce_ok"):
+            problems.append("the NCCL group's all_reduce gave a wrong result")
     result["status"] = "failed" if problems else "ok"
     if problems:
         result["reason"] = "; ".join(problems[:3])
