@@ -819,6 +819,10 @@ class OverheadRun:
                     peaks["on_flush" if flush else which].append(
                         torch.cuda.max_memory_allocated() / 2**20)
             i += 1
+            if i % 10 == 0:
+                print(f"  {i} pairs: median off {statistics.median(times['off']):.3f} s, on "
+                      f"{statistics.median(times['on']):.3f} s ({dl.left():.0f} s left)",
+                      flush=True)
         on, off = times["on"], times["off"]
         steady = [t for j, t in enumerate(on) if j not in flushing and j - 1 not in flushing]
         out = {"steps_each": len(on), "stopped_early": stopped,
