@@ -22,11 +22,6 @@ from monitor import stats
 SCHEMA_VERSION = 1
 
 
-def value_stats(row) -> dict:
-    """The JSON object for one reduced row (a sequence of 6 host floats)."""
-    return _value_objects(torch.tensor([list(row)], dtype=stats.DTYPE), [True])[0]
-
-
 def metrics_of(names: Sequence[str], rows: torch.Tensor) -> dict[str, dict]:
     """``{name: value object}`` for the names whose rows saw anything (finite or not).
 

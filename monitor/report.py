@@ -66,8 +66,8 @@ def part_table(run: RunLog, part: str, *, all_metrics: bool = False) -> str:
                 if keep is not None and not keep(key):
                     hidden += 1
                     continue
-                s, values = log.metric(key, mode=mode, detailed=detailed)
-                values = [v for v in values if v is not None]
+                s, series = log.metric(key, mode=mode, detailed=detailed)
+                values = [v for v in series if v is not None]
                 if not s:
                     continue
                 name = f"{mode}/{key}" if mode else key + (" (detailed)" if detailed else "")
