@@ -980,7 +980,8 @@ def summary(name: str, r: dict) -> str:
                 f"monitor code; sync debug mode 'error': {mode}")
     if name in ("nccl_one_rank", "gloo_two_ranks"):
         return (f"{r['records']} records, {r['metrics_compared']} metrics = numpy (worst rel "
-                f"{r['worst_rel_error_mean_std']:.1e}); collectives/flush {r['collectives_per_flush']}")
+                f"{r['worst_rel_error_mean_std']:.1e}); collectives/flush "
+                f"{r['collectives_per_flush']}")
     if name == "overhead":
         kern = r["kernels"]
         if "failed" in kern:
@@ -1004,7 +1005,8 @@ def print_table(results: dict) -> None:
           f", {results['seconds_total']:.0f} s")
     print(f"{'section':<16} {'status':<8} {'s':>6}  figures")
     for name, r in results["sections"].items():
-        print(f"{name:<16} {r.get('status', '?'):<8} {r.get('seconds', 0):>6.1f}  {summary(name, r)}")
+        print(f"{name:<16} {r.get('status', '?'):<8} {r.get('seconds', 0):>6.1f}  "
+              f"{summary(name, r)}")
     o = results["sections"].get("overhead", {})
     if o.get("status") == "ok":
         print(f"  overhead size: {o['size']}; {o['trained']}")
