@@ -1,4 +1,6 @@
-"""Everything that talks to ``torch.distributed``: the only module that imports it.
+"""Everything the monitor does with ``torch.distributed``: the only module of the running
+monitor that imports it (``monitor.testing.probes`` patches it to count collectives in tests
+and benchmarks, never in a training job).
 
 Three jobs:
 

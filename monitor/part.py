@@ -19,6 +19,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from monitor._log import log
 from monitor.layout import validate_part
@@ -27,6 +28,34 @@ from monitor.session import MonitorSession
 
 SUMMARY_EVERY_S = 30.0
 """The running summary is rewritten after a record at most this often (and at the end)."""
+
+
+_Self = TypeVar("_Self", bound="FinishesOnExit")
+
+
+class FinishesOnExit:
+    """The ``with`` form of whatever ends with ``finish(status, error)`` (the training
+    monitor, the CogVLA facade): a clean exit finishes ``"completed"``, an exception
+    ``"failed"`` with its type's name (and is not swallowed)."""
+
+    def finish(self, status: str, error: str | None = None) -> Any:
+        raise NotImplementedError
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish("completed")
+        else:
+            self.finish("failed", exc_type.__name__)
+
+
+def check_final_status(status: object) -> str:
+    """What ``finalize(status)`` accepts."""
+    if status not in ("completed", "failed"):
+        raise ValueError(f"status must be 'completed' or 'failed', got {status!r}")
+    return status  # type: ignore[return-value]
 
 
 def _file_key(key: str, record: dict) -> str:

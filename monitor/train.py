@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 from monitor.integrations import add_integrations, check_extras
 from monitor.layout import TRAIN
-from monitor.part import PartWriter
+from monitor.part import FinishesOnExit, PartWriter, check_final_status
 from monitor.records import metrics_of, record
 from monitor.schedule import check_step
 from monitor.session import MonitorSession
@@ -129,7 +129,7 @@ class _ModeStream(Stream):
         self.monitor._write_record(step, self.mode, metrics_of(names, rows))
 
 
-class Monitor:
+class Monitor(FinishesOnExit):
     """Training metrics of one run, reduced over every participating rank.
 
     Args:
@@ -259,18 +259,7 @@ class Monitor:
         Returns:
             The path of ``monitor_logs/{run_id}_summary.json``.
         """
-        if status not in ("completed", "failed"):
-            raise ValueError(f"status must be 'completed' or 'failed', got {status!r}")
-        return self.finish(status)
-
-    def __enter__(self) -> Monitor:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finish("completed")
-        else:
-            self.finish("failed", exc_type.__name__)
+        return self.finish(check_final_status(status))
 
     def finish(self, status: str, error: str | None = None) -> str:
         """End this part with any status (what ``finalize``, the context manager, the

@@ -35,6 +35,7 @@ import torch
 from monitor.checks import as_int, check_bool, check_positive_int
 from monitor.integrations import add_integrations, check_extras
 from monitor.observer import Observer
+from monitor.part import FinishesOnExit, check_final_status
 from monitor.pruning.adapters import unwrap
 from monitor.pruning.adapters.cogvla_wiring import (
     CogVLAAggregationAdapter,
@@ -132,7 +133,7 @@ class CogVLAMonitoringConfig:
         self.film_sample_layers = layers
 
 
-class CogVLAMonitoring:
+class CogVLAMonitoring(FinishesOnExit):
     """The CogVLA facade: the training monitor and the four observers on one session.
 
     Args:
@@ -265,9 +266,7 @@ class CogVLAMonitoring:
         ``status="failed"`` writes the summaries and meta without a collective (what the
         context manager form does when the block raised).
         """
-        if status not in ("completed", "failed"):
-            raise ValueError(f"status must be 'completed' or 'failed', got {status!r}")
-        return self.finish(status)
+        return self.finish(check_final_status(status))
 
     def finish(self, status: str, error: str | None = None) -> dict[str, str]:
         """End every part with any status (``finalize``, the context manager); ``error``
@@ -290,15 +289,6 @@ class CogVLAMonitoring:
             self._paths = paths
             self.session.finish(status, error)
         return dict(paths)
-
-    def __enter__(self) -> CogVLAMonitoring:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finish("completed")
-        else:
-            self.finish("failed", exc_type.__name__)
 
 
 __all__ = [
