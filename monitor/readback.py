@@ -20,7 +20,9 @@ A last line cut short (a run killed mid-write) is skipped; a bad line elsewhere 
 A resumed run reads as one history: the dead segment's records at steps the new segment
 did again are dropped, like the resume markers (``monitor.records.live_records``).
 DataFrames have flat columns: ``step``, ``time``, ``world_size``, ``mode`` (training),
-then ``{metric}.{field}`` for ``mean``, ``std``, ``min``, ``max``, ``count``, ``nonfinite``.
+then ``{metric}.{field}`` for ``mean``, ``std``, ``min``, ``max``, ``count``, ``nonfinite``,
+``min_rank``, ``max_rank`` and ``nonfinite_ranks`` (a list of ranks, or None where the
+record had no NaN/Inf in that metric).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from monitor.records import live_records
 
 FOLDERS = {"train": "monitor_logs", "lfp": "lfp_logs", "film": "film_logs",
            "moe": "moe_logs", "aggr": "aggr_logs"}
-FIELDS = ("mean", "std", "min", "max", "count", "nonfinite")
+FIELDS = ("mean", "std", "min", "max", "count", "nonfinite", "min_rank", "max_rank",
+          "nonfinite_ranks")
 
 
 @dataclass
