@@ -48,6 +48,8 @@ def _value_objects(rows: torch.Tensor, keep: list[bool]) -> list[dict]:
     std = (rows[:, stats.M2] / count.clamp(min=1.0)).clamp(min=0.0).sqrt()
     table = torch.stack([rows[:, stats.MEAN], std, rows[:, stats.MIN], rows[:, stats.MAX]], 1)
     table = torch.where(torch.isfinite(table) & (count > 0).unsqueeze(1), table, math.nan)
+    if rows.shape[1] > stats.NUM_COLS:
+        return _value_objects_with_ranks(rows, keep, table.tolist())
     counts, nonfinites, values = count.tolist(), nonfinite.tolist(), table.tolist()
     out = []
     for wanted, (mean, sd, lo, hi), n, bad in zip(keep, values, counts, nonfinites):
@@ -57,23 +59,36 @@ def _value_objects(rows: torch.Tensor, keep: list[bool]) -> list[dict]:
             mean, sd, lo, hi = (v if v == v else None for v in (mean, sd, lo, hi))
         out.append({"mean": mean, "std": sd, "min": lo, "max": hi, "count": int(n),
                     "nonfinite": int(bad)})
-    if rows.shape[1] > stats.NUM_COLS:
-        _add_ranks(out, rows[[i for i, k in enumerate(keep) if k]])
     return out
 
 
-def _add_ranks(values: list[dict], rows: torch.Tensor) -> None:
-    """``min_rank``, ``max_rank`` (and ``nonfinite_ranks`` where there are NaN/Inf) from
-    the rank columns of ``rows`` (one per value object)."""
+def _value_objects_with_ranks(rows, keep, values) -> list[dict]:
+    """:func:`_value_objects` for rows with rank columns: ``min_rank``/``max_rank`` (null
+    with ``min``/``max``) and, where there are NaN/Inf, ``nonfinite_ranks``."""
     flags = rows[:, stats.NUM_COLS:]
     lows = stats.lowest_ranks(flags, stats.HOLDS_MIN).tolist()
     highs = stats.lowest_ranks(flags, stats.HOLDS_MAX).tolist()
-    for i, (value, lo, hi) in enumerate(zip(values, lows, highs)):
-        value["min_rank"] = lo if value["min"] is not None else None
-        value["max_rank"] = hi if value["max"] is not None else None
-        if value["nonfinite"]:  # rare: a loop over the row's bits is fine
-            value["nonfinite_ranks"] = stats.flagged_ranks(flags[i].tolist(),
-                                                           stats.SAW_NONFINITE)
+    counts = rows[:, stats.COUNT].to(torch.int64).tolist()  # ints without int() per value
+    nonfinites = rows[:, stats.NONFINITE].to(torch.int64).tolist()
+    out = []
+    append = out.append
+    for wanted, (mean, sd, lo, hi), n, bad, lo_rank, hi_rank in zip(
+            keep, values, counts, nonfinites, lows, highs):
+        if not wanted:
+            continue
+        if mean != mean or sd != sd or lo != lo or hi != hi:  # NaN -> null (rare)
+            mean, sd, lo, hi = (v if v == v else None for v in (mean, sd, lo, hi))
+            lo_rank = lo_rank if lo is not None else None
+            hi_rank = hi_rank if hi is not None else None
+        append({"mean": mean, "std": sd, "min": lo, "max": hi, "count": n, "nonfinite": bad,
+                "min_rank": lo_rank, "max_rank": hi_rank})
+    if any(nonfinites):  # rare: a loop over those rows' bits
+        kept = [i for i, wanted in enumerate(keep) if wanted]
+        for value, i in zip(out, kept):
+            if value["nonfinite"]:
+                value["nonfinite_ranks"] = stats.flagged_ranks(flags[i].tolist(),
+                                                               stats.SAW_NONFINITE)
+    return out
 
 
 def resume_marker(step: int, world_size: int, segment: int, superseded: int) -> dict:
@@ -193,7 +208,7 @@ class SummaryTracker:
                                        "first_step": None, "last_step": None, "records": 0,
                                        "nonfinite_ranks": []}
             entry["records"] += 1
-            if value.get("nonfinite_ranks"):  # rare
+            if value["nonfinite"] and value.get("nonfinite_ranks"):  # rare
                 known = entry.setdefault("nonfinite_ranks", [])
                 known[:] = sorted(set(known).union(value["nonfinite_ranks"]))
             if mean is None:

@@ -311,12 +311,16 @@ def lowest_ranks(flags: torch.Tensor, flag: int) -> torch.Tensor:
     """The lowest rank with ``flag`` set in each row of the summed rank columns ``flags``
     ``(k, C)``: a long tensor ``(k,)``, -1 where no rank has it (vectorised, no loop)."""
     bits = flags.to(torch.int64) & _flag_mask(flag)
-    lowest_bit = bits & -bits  # a power of two (exact in float64: below 2**51), or 0
-    position = torch.frexp(lowest_bit.to(DTYPE)).exponent.to(torch.int64) - 1
+    # the lowest set bit is a power of two below 2**51, exact in float64: frexp gives its
+    # position + 1 (0 for no bit, which the floor division below turns into -1)
+    position = torch.frexp((bits & -bits).to(DTYPE)).exponent.to(torch.int64)
+    in_column = (position - 1 - flag).div_(_FLAGS, rounding_mode="floor")
+    if flags.shape[1] == 1:  # up to RANKS_PER_COLUMN ranks
+        return in_column[:, 0]
+    none = torch.iinfo(torch.int64).max
     columns = torch.arange(flags.shape[1], dtype=torch.int64) * RANKS_PER_COLUMN
-    ranks = torch.where(bits != 0, columns + position // _FLAGS, torch.iinfo(torch.int64).max)
-    lowest = ranks.amin(dim=1) if flags.shape[1] else torch.full((flags.shape[0],), -1)
-    return torch.where(lowest == torch.iinfo(torch.int64).max, -1, lowest)
+    lowest = torch.where(in_column >= 0, in_column + columns, none).amin(dim=1)
+    return torch.where(lowest == none, -1, lowest)
 
 
 def flagged_ranks(flags: Sequence[float], flag: int) -> list[int]:
