@@ -275,7 +275,7 @@ def _forensics_rank(rank: int, world: int, store_path: str, run_dir: str, ks: li
 
 
 def bench_forensics(ranks: list[int], ks: list[int], quick: bool) -> list[dict]:
-    flushes = 5 if quick else 61
+    flushes = 3 if quick else 61
     results = []
     ctx = mp.get_context("spawn")
     for world in ranks:
@@ -691,6 +691,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.metrics = [k for k in args.metrics if k <= 100] or [10]
+        args.forensics_metrics = [k for k in args.forensics_metrics if k <= 100] or [100]
         args.steps, args.batch_size, args.memory_steps = 2, 2, [200, 400]
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                "machine": machine(), "time": time.time()}
