@@ -1,4 +1,6 @@
-"""Everything that talks to ``torch.distributed``: the only module that imports it.
+"""Everything the monitor does with ``torch.distributed``: the only module of the running
+monitor that imports it (``monitor.testing.probes`` patches it to count collectives in tests
+and benchmarks, never in a training job).
 
 Three jobs:
 
@@ -336,8 +338,9 @@ class Reducer:
             every.append(placed)
         if self.forensics:  # every rank's rows are here: the same flags as the SUM path
             lo, hi = total[:, stats.MIN], total[:, stats.MAX]
-            flags = sum(stats.rank_flags(placed, lo, hi, r, world)
-                        for r, placed in enumerate(every))
+            flags = torch.zeros(total.shape[0], stats.rank_columns(world), dtype=stats.DTYPE)
+            for r, placed in enumerate(every):
+                flags += stats.rank_flags(placed, lo, hi, r, world)
             total = torch.cat([total, flags], dim=1)
         return union, total
 

@@ -26,11 +26,6 @@ from monitor import stats
 SCHEMA_VERSION = 1
 
 
-def value_stats(row) -> dict:
-    """The JSON object for one reduced row (a sequence of 6 host floats)."""
-    return _value_objects(torch.tensor([list(row)], dtype=stats.DTYPE), [True])[0]
-
-
 def metrics_of(names: Sequence[str], rows: torch.Tensor) -> dict[str, dict]:
     """``{name: value object}`` for the names whose rows saw anything (finite or not).
 
@@ -70,7 +65,7 @@ def _value_objects_with_ranks(rows, keep, values) -> list[dict]:
     highs = stats.lowest_ranks(flags, stats.HOLDS_MAX).tolist()
     counts = rows[:, stats.COUNT].to(torch.int64).tolist()  # ints without int() per value
     nonfinites = rows[:, stats.NONFINITE].to(torch.int64).tolist()
-    out = []
+    out: list[dict] = []
     append = out.append
     for wanted, (mean, sd, lo, hi), n, bad, lo_rank, hi_rank in zip(
             keep, values, counts, nonfinites, lows, highs):

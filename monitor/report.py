@@ -68,13 +68,15 @@ def part_table(run: RunLog, part: str, *, all_metrics: bool = False) -> str:
                 if keep is not None and not keep(key):
                     hidden += 1
                     continue
-                s, values = log.metric(key, mode=mode, detailed=detailed)
-                values = [v for v in values if v is not None]
+                s, series = log.metric(key, mode=mode, detailed=detailed)
+                values = [v for v in series if v is not None]
                 if not s:
                     continue
                 name = f"{mode}/{key}" if mode else key + (" (detailed)" if detailed else "")
-                _, bad = log.metric(key, "nonfinite_ranks", mode=mode, detailed=detailed)
-                bad_ranks = {r for ranks in bad if ranks for r in ranks}
+                bad_ranks: set[int] = set()  # every rank that ever saw a NaN/Inf in it
+                for ranks in log.metric(key, "nonfinite_ranks", mode=mode, detailed=detailed)[1]:
+                    if isinstance(ranks, list):
+                        bad_ranks.update(ranks)
                 rows.append((name, _fmt(values[-1] if values else None),
                              _fmt(min(values) if values else None),
                              _fmt(max(values) if values else None), f"{s[0]}..{s[-1]}",

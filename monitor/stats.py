@@ -106,7 +106,7 @@ def constant_rows(values: list[float], count: int) -> torch.Tensor:
 
 
 class Bins:
-    """Fixed histogram edges, ready for :func:`rows_of_bins` on any device.
+    """Fixed histogram edges, ready for :func:`rows_of_bins_many` on any device.
 
     Bin ``b`` of a value is the number of edges ``<= value`` (0: below the first edge,
     ``len(edges)``: at or above the last), exactly as ``torch.bucketize(right=True)``
@@ -161,21 +161,16 @@ class Bins:
         return torch.where(finite, idx, n + 1)
 
 
-def rows_of_bins(values: torch.Tensor, bins: Bins | Sequence[float]) -> torch.Tensor:
-    """Count-only rows of a histogram of ``values``: shape ``(len(edges) + 2, 6)``.
-
-    Row 0 counts values below ``edges[0]``, row ``i`` (1 <= i < len(edges)) those in
-    ``[edges[i-1], edges[i])``, row ``len(edges)`` those at or above ``edges[-1]`` and the
-    last row the non-finite values. Only COUNT is filled (each row is "COUNT samples, all
-    0"), so bins add up across calls and ranks through the ordinary row reduction.
-    """
-    return rows_of_bins_many(values.reshape(1, -1), bins)
-
-
 def rows_of_bins_many(values: torch.Tensor, bins: Bins | Sequence[float]) -> torch.Tensor:
     """One histogram per leading index of the 2-d ``values`` ``(k, n)``, over the same
     edges, in one batch of kernels: shape ``(k * (len(edges) + 2), 6)``, histogram ``i``
-    in rows ``i * (len(edges) + 2)`` onwards (see :func:`rows_of_bins`)."""
+    in rows ``i * (len(edges) + 2)`` onwards.
+
+    Per histogram, row 0 counts values below ``edges[0]``, row ``j`` (1 <= j < len(edges))
+    those in ``[edges[j-1], edges[j])``, row ``len(edges)`` those at or above ``edges[-1]``
+    and the last row the non-finite values. Only COUNT is filled (each row is "COUNT
+    samples, all 0"), so bins add up across calls and ranks through the ordinary row
+    reduction."""
     if not isinstance(bins, Bins):
         bins = Bins(bins)  # host edges given directly (tests, one-off use)
     x = values.detach().to(DTYPE)

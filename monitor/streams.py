@@ -47,7 +47,8 @@ class Stream:
     def take_rows(self, device: torch.device) -> tuple[list[str], torch.Tensor]:
         raise NotImplementedError
 
-    def emit(self, label: int, names: list[str], rows: torch.Tensor) -> None:
+    def emit(self, step: int, names: list[str], rows: torch.Tensor) -> None:
+        """Write the record labelled ``step`` from the reduced ``rows`` of ``names``."""
         raise NotImplementedError
 
 
@@ -108,15 +109,15 @@ class FlushScheduler:
         self.flush([s for s in self.streams if s.pending == step])
 
     def flush(self, streams: Iterable[Stream], mode: str = "train",
-              label: int | None = None) -> None:
+              step: int | None = None) -> None:
         """Reduce ``streams`` together in one call; each writes its record(s).
 
-        A stream's record is labelled ``label`` if given, else with the step that made it
+        A stream's record is labelled ``step`` if given, else with the step that made it
         due, else the current step (finalize).
         """
         streams = list(streams)
         fallback = self.current if self.current is not None else 0
-        labels = {s.group: label if label is not None else
+        labels = {s.group: step if step is not None else
                   s.pending if s.pending is not None else fallback for s in streams}
         for s in streams:
             s.pending = None

@@ -58,7 +58,7 @@ def main() -> None:
         dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
-    logging.basicConfig(level=logging.INFO, format="[rank %d] %%(message)s" % rank)
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
     torch.manual_seed(0)
     cfg = TinyCogVLAConfig()
     vla = build_tiny_cogvla(cfg, seed=0)

@@ -199,7 +199,7 @@ def test_context_manager_form_marks_a_crash_as_failed(run_dir):
         with Monitor(run_dir=run_dir, run_id="exp", log_interval=1) as mon:
             with mon.step(0) as h:
                 h.log(loss=1.0)
-            1 / 0
+            raise ZeroDivisionError("division by zero (an injected crash)")
     summary = json.loads(paths(run_dir)[1].read_text())
     assert (summary["status"], summary["error"]) == ("failed", "ZeroDivisionError")
     assert json.loads(paths(run_dir)[2].read_text())["status"] == "failed"

@@ -62,7 +62,7 @@ def footprint(parts, train) -> dict:
         sizes[f"{obs.part}/deferred"] = len(obs._deferred)
         sizes[f"{obs.part}/constants"] = len(obs._constants)
         sizes[f"{obs.part}/alerts"] = len(obs.alerts)
-        sizes[f"{obs.part}/summary"] = sum(len(t) for t in obs._summary.modes.values())
+        sizes[f"{obs.part}/summary"] = sum(len(t) for t in obs.writer.summary.modes.values())
     for mode, stream in train._streams.items():
         sizes[f"train/{mode}/rows"] = sum(a.numel() for a in stream.slots._acc.values())
     return sizes

@@ -1,12 +1,12 @@
 """Integrations: TensorBoard, W&B and a console line, fed with the records rank 0 writes.
 
 Each integration is a listener of the run's :class:`~monitor.session.MonitorSession`
-(``session.add_listener``): after rank 0 appends a record to its JSONL file, the session
-hands the same plain dict to every listener (``publish(part, kind, record)``), and
-``close()`` is called when the run is finalized. Listeners only read host values that the
-flush already reduced: they add no collective and no host-device sync, and only rank 0
-holds them. One that raises at run time is warned about once and turned off; training and
-the JSONL logs go on.
+(``session.add_listener``, kept in :class:`~monitor.integrations.fanout.Listeners`): after
+rank 0 appends a record to its JSONL file, the session hands the same plain dict to every
+listener (``publish(part, stream, record)``), and ``close()`` is called when the run ends.
+Listeners only read host values that the flush already reduced: they add no collective and
+no host-device sync, and only rank 0 holds them. One that raises at run time is warned
+about once and turned off; training and the JSONL logs go on.
 
 Flat names (TensorBoard tags, W&B keys) come from :mod:`monitor.integrations.names`:
 ``monitor/<part>/<key>`` is the mean, ``.../std``, ``.../min``, ``.../max`` the rest.
@@ -15,15 +15,21 @@ Flat names (TensorBoard tags, W&B keys) come from :mod:`monitor.integrations.nam
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
-from monitor.session import MonitorSession
+if TYPE_CHECKING:  # the session imports the listener container from this package
+    from monitor.session import MonitorSession
 
 
-def require(module: str, extra: str, setting: str) -> None:
-    """Raise ImportError naming the extra to install when ``module`` is missing."""
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(f"{setting} needs the {module!r} package, which is not installed: "
-                          f'pip install "monitor[{extra}]"')
+def check_extras(*, tensorboard: bool = False, wandb: bool | None = None) -> None:
+    """Raise ImportError naming the extra to install for each integration turned on whose
+    package is missing (call it before any file is written)."""
+    for on, module, setting in ((tensorboard, "tensorboard",
+                                 "tensorboard=True (enable_tensorboard)"),
+                                (wandb, "wandb", "wandb=True (enable_wandb)")):
+        if on and importlib.util.find_spec(module) is None:
+            raise ImportError(f"{setting} needs the {module!r} package, which is not "
+                              f'installed: pip install "monitor[{module}]"')
 
 
 def add_integrations(session: MonitorSession, *, tensorboard: bool = False,
@@ -44,10 +50,7 @@ def add_integrations(session: MonitorSession, *, tensorboard: bool = False,
         ImportError: an integration is turned on but its package is missing (on every
             rank, so that no rank goes on alone).
     """
-    if tensorboard:
-        require("tensorboard", "tensorboard", "tensorboard=True (enable_tensorboard)")
-    if wandb:
-        require("wandb", "wandb", "wandb=True (enable_wandb)")
+    check_extras(tensorboard=tensorboard, wandb=wandb)
     if not session.world.is_writer:
         return
     if tensorboard:
@@ -64,4 +67,4 @@ def add_integrations(session: MonitorSession, *, tensorboard: bool = False,
         session.add_listener(ConsoleListener(samples_per_step=samples_per_step))
 
 
-__all__ = ["add_integrations", "require"]
+__all__ = ["add_integrations", "check_extras"]

@@ -19,24 +19,22 @@ from __future__ import annotations
 
 import logging
 
+from monitor._log import log
+from monitor.checks import check_positive_int
 from monitor.records import nonfinite_text
-
-log = logging.getLogger("monitor")
 
 
 class ConsoleListener:
     """A session listener that logs one summary line per train record."""
 
     def __init__(self, samples_per_step: int | None = None) -> None:
-        if samples_per_step is not None and (isinstance(samples_per_step, bool)
-                                             or not isinstance(samples_per_step, int)
-                                             or samples_per_step <= 0):
-            raise ValueError(f"samples_per_step must be a positive int, got {samples_per_step!r}")
+        if samples_per_step is not None:
+            samples_per_step = check_positive_int("samples_per_step", samples_per_step)
         self.samples_per_step = samples_per_step
         self._previous: tuple[int, float] | None = None
 
-    def publish(self, part: str, kind: str, record: dict) -> None:
-        if part != "train" or kind != "train":
+    def publish(self, part: str, stream: str, record: dict) -> None:
+        if part != "train" or stream != "train":
             return
         step, now = record["step"], record["time"]
         fields = [f"step {step}"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from monitor.integrations import names, require
+from monitor.integrations import check_extras, names
 from monitor.session import MonitorSession
 
 
@@ -21,7 +21,7 @@ class TensorBoardListener:
     """A session listener that writes TensorBoard event files (rank 0)."""
 
     def __init__(self, session: MonitorSession) -> None:
-        require("tensorboard", "tensorboard", "tensorboard=True (enable_tensorboard)")
+        check_extras(tensorboard=True)
         self.session = session
         self.log_dir = session.files.path("tensorboard")
         self._writer = None

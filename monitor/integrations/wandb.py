@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from monitor.integrations import names, require
+from monitor.integrations import check_extras, names
 from monitor.session import MonitorSession
 
 STEP_KEY = "monitor/step"
@@ -30,7 +30,7 @@ class WandbListener:
     def __init__(self, session: MonitorSession, *, create: bool = False,
                  project: str | None = None) -> None:
         if create:
-            require("wandb", "wandb", "wandb=True (enable_wandb)")
+            check_extras(wandb=True)
         self.session, self.create, self.project = session, create, project
         self._run = None
         self._owned = False
