@@ -14,8 +14,10 @@ Rank 0 writes them under ``{run_dir}/{part}_logs/``::
     {run_id}_summary.json     first/last/min/max of each metric's means, alerts, what was attached
 
 The first time a metric has non-finite values in a record, an alert record
-``{"alert": {"type": "nonfinite", "stream", "metric", "nonfinite", "count"}}`` goes to the
-compact stream (once per metric and stream; training goes on).
+``{"alert": {"type": "nonfinite", "stream", "metric", "nonfinite", "count",
+"nonfinite_ranks"}}`` goes to the compact stream (once per metric and stream; training goes
+on). Values carry ``min_rank``/``max_rank`` (and ``nonfinite_ranks``) like the training
+metrics' (:mod:`monitor.records`).
 
 Every slot is declared before the first hook fires (:meth:`Observer.declare`), so every
 rank reduces the same rows whichever hooks fired. Hooks run under ``torch.no_grad()`` on
@@ -327,10 +329,7 @@ class Observer:
                    and not n.startswith("overall/")]
             if not idx:
                 continue
-            total = stats.empty_rows(1)
-            for i in idx:
-                total = stats.combine(total, rows[i : i + 1])
-            out.update(metrics_of([f"overall/{metric}"], total))
+            out.update(metrics_of([f"overall/{metric}"], stats.combine_all(rows[idx])))
         return out
 
     def _histograms(self, names: list[str], rows: torch.Tensor) -> dict[str, dict]:

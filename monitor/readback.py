@@ -23,7 +23,9 @@ compact JSONL, so a user's own observer reads back too), ordered as meta lists t
 A resumed run reads as one history: the dead segment's records at steps the new segment
 did again are dropped, like the resume markers (``monitor.records.live_records``).
 DataFrames have flat columns: ``step``, ``time``, ``world_size``, ``mode`` (training),
-then ``{metric}.{field}`` for ``mean``, ``std``, ``min``, ``max``, ``count``, ``nonfinite``.
+then ``{metric}.{field}`` for ``mean``, ``std``, ``min``, ``max``, ``count``, ``nonfinite``,
+``min_rank``, ``max_rank`` and ``nonfinite_ranks`` (a list of ranks, or None where the
+record had no NaN/Inf in that metric).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from pathlib import Path
 from monitor.layout import TRAIN, RunLayout, read_json, read_records
 from monitor.records import live_records
 
-FIELDS = ("mean", "std", "min", "max", "count", "nonfinite")
+FIELDS = ("mean", "std", "min", "max", "count", "nonfinite", "min_rank", "max_rank",
+          "nonfinite_ranks")
 
 
 @dataclass

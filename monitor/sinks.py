@@ -17,7 +17,7 @@ Sample JSONL line::
 
     {"step": 100, "mode": "train", "time": 1764081600.12, "world_size": 2, "metrics":
      {"loss": {"mean": 0.71, "std": 0.05, "min": 0.62, "max": 0.80, "count": 202,
-     "nonfinite": 0}}}
+     "nonfinite": 0, "min_rank": 1, "max_rank": 0}}}
 """
 
 from __future__ import annotations

@@ -22,13 +22,15 @@ Keys emitted in ``monitor_logs/{run_id}.jsonl`` (``metrics`` object):
 =====================  ===========================================================
 key                    value
 =====================  ===========================================================
-each ``log`` keyword   ``{"mean", "std", "min", "max", "count", "nonfinite"}``
+each ``log`` keyword   ``{"mean", "std", "min", "max", "count", "nonfinite", "min_rank",
+                       "max_rank"}`` (+ ``"nonfinite_ranks"`` when ``nonfinite > 0``)
 each ``extra`` key     same object
 =====================  ===========================================================
 
 The first time a metric of a mode has non-finite values in a record, an alert line
 ``{"step", "time", "world_size", "alert": {"type": "nonfinite", "mode", "metric",
-"nonfinite", "count"}}`` follows that record (once per metric and mode; training goes on).
+"nonfinite", "count", "nonfinite_ranks"}}`` follows that record (once per metric and mode;
+training goes on).
 """
 
 from __future__ import annotations

@@ -272,7 +272,8 @@ def test_nonfinite_values_anywhere_are_counted_alerted_once_and_training_goes_on
         assert len(keys) == len(set(keys)), part  # the first time only
     alerts = [r for r in train_log if "alert" in r]
     assert len(alerts) == 1 and alerts[0]["step"] == 2 and alerts[0]["alert"] == {
-        "type": "nonfinite", "mode": "train", "metric": "loss", "nonfinite": 1, "count": 1}
+        "type": "nonfinite", "mode": "train", "metric": "loss", "nonfinite": 1, "count": 1,
+        "nonfinite_ranks": [0]}
     summary = json.loads((tmp_path / "r" / "monitor_logs" / "r_summary.json").read_text())
     assert summary["status"] == "completed" and summary["alerts"][0]["alert"]["metric"] == "loss"
     moe = json.loads((tmp_path / "r" / "moe_logs" / "r_summary.json").read_text())

@@ -3,10 +3,12 @@
 Sample (INFO)::
 
     monitor: step 1200 | loss 0.713 | lr 1.0e-04 | 3.2 steps/s | 51.2 samples/s
+    monitor: step 1300 | loss 0.702 | lr 1.0e-04 | 3.1 steps/s | nonfinite: loss (rank 3)
 
 Throughput is the steps between this record and the previous one over the wall time
 between them (none on the first record); samples/s only when the global batch size is
-given (``samples_per_step``). Silence it with
+given (``samples_per_step``). A record with NaN/Inf values ends the line with the metrics
+that had them and the ranks that saw them (the first 3 metrics, then how many more). Silence it with
 ``logging.getLogger("monitor").setLevel(logging.WARNING)`` or ``console=False``.
 When nothing in the program configured logging (no handler on the ``monitor`` logger or
 the root), a stderr handler is added to the ``monitor`` logger at the first line, and
@@ -19,6 +21,7 @@ import logging
 
 from monitor._log import log
 from monitor.checks import check_positive_int
+from monitor.records import nonfinite_text
 
 
 class ConsoleListener:
@@ -46,6 +49,9 @@ class ConsoleListener:
             if self.samples_per_step:
                 fields.append(f"{rate * self.samples_per_step:.3g} samples/s")
         self._previous = (step, now)
+        bad = nonfinite_text(metrics)
+        if bad is not None:
+            fields.append(bad)
         _ensure_handler()
         log.info("monitor: %s", " | ".join(fields))
 

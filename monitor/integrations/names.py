@@ -16,6 +16,12 @@ observer alert                         ``monitor/{p}/alert`` (text), ``monitor/{
 ``m`` is ``train``, ``eval``, ``val`` or ``test``; ``p`` is ``lfp``, ``film``, ``moe`` or
 ``aggr``. The public CogVLA script's hand-written W&B export uses the same
 ``monitor/<part>/`` prefixes.
+
+The rank fields (``min_rank``, ``max_rank``, ``nonfinite_ranks``) are not exported as
+scalars: a rank number plotted over steps is an identifier, not a quantity (its "mean" or
+smoothing means nothing), and one series per metric would double the tags. They stay in
+the JSONL (``read_run``, ``python -m monitor report``), and TensorBoard's alert text
+entries carry the alert's ``nonfinite_ranks``.
 """
 
 from __future__ import annotations
