@@ -11,10 +11,11 @@ Usage::
 
 ``log`` never waits for the device: tensors stay on their device, Python numbers on the
 host, until the flush. The record labelled ``s`` holds every value logged since the
-previous record at steps up to and including ``s``; it is written at the exit of step
-``s``'s context, or at the first call with a later step when ``s`` had no context or the
-run has shown gradient accumulation (several train contexts at one step number), and
-``finalize()`` writes whatever is pending. ``mode="eval"``/``"val"``/``"test"`` contexts
+previous record at steps up to and including ``s``; it is written at the first call with
+a later step (every micro-batch of ``s`` is in it then), or already at the exit of step
+``s``'s context once the run has shown that it does not accumulate gradients (a step
+with exactly one train context has ended, and none had several), and ``finalize()``
+writes whatever is pending. ``mode="eval"``/``"val"``/``"test"`` contexts
 write one record at every exit.
 
 Keys emitted in ``monitor_logs/{run_id}.jsonl`` (``metrics`` object):
@@ -197,11 +198,12 @@ class Monitor:
         self._nonfinite_seen: set[tuple[str, str]] = set()
         session.register_stream_file(f"monitor_logs/{self.run_id}.jsonl", self._on_resume)
         session.on_exit(self._finish)
-        # Gradient accumulation shows as several train contexts at one step number. Once
-        # the run has shown that, a due record waits for the first call with a later step
-        # (so every micro-batch of the due step is in it) instead of the context's exit.
+        # Gradient accumulation shows as several train contexts at one step number. Until
+        # a step with exactly one has ended (None: not known yet), and once a step had
+        # several (True), a due record waits for the first call with a later step, so
+        # that every micro-batch of the due step is in it, the first record included.
         self._train_contexts_here = 0
-        self._accumulating = False
+        self._accumulating: bool | None = None
 
     # -- public API ---------------------------------------------------------------------
 
@@ -232,11 +234,12 @@ class Monitor:
         # Only on a clean exit: a rank that raised must not start a collective alone.
         if mode != "train":
             self._scheduler.flush([stream], mode=mode, label=step)
-        elif self._scheduler.is_due(stream, step) and not self._accumulating:
+        elif self._scheduler.is_due(stream, step) and self._accumulating is False:
             self._scheduler.flush_due(step)
 
     def log_step(self, step: int) -> None:
-        """Tell the monitor the run is at ``step`` (may repeat under gradient accumulation)."""
+        """The run is at ``step``: call it after each micro-batch's forward (it may repeat
+        under gradient accumulation). It writes the records due at earlier steps."""
         step = check_step(step)
         if not self._finalized:
             self._advance(step)
@@ -293,6 +296,8 @@ class Monitor:
 
     def _advance(self, step: int) -> None:
         if self._last is not None and step > self._last:
+            if self._train_contexts_here == 1 and self._accumulating is None:
+                self._accumulating = False
             self._train_contexts_here = 0
         self._last = step if self._last is None else max(self._last, step)
         self._scheduler.advance(step)

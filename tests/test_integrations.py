@@ -55,9 +55,9 @@ def run_cogvla(tmp_path, steps=4, **cfg):
         mon.attach(model)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
-        mon.log_step(step)
         out = model(**synthetic_batch(model_cfg, batch_size=2, generator=gen))
         out.loss.backward()
+        mon.log_step(step)
         with mon.step(step) as h:
             h.log(loss=out.loss.detach(), lr=1e-3 * (1 - step / steps))
     mon.finalize()

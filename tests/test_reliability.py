@@ -76,9 +76,9 @@ def train(mon, model, model_cfg, steps, inject=None):
     for step in steps:
         if inject is not None:
             inject(step)
-        mon.log_step(step)
         with torch.no_grad():
             out = model(**synthetic_batch(model_cfg, batch_size=1, generator=gen))
+        mon.log_step(step)
         with mon.step(step) as h:
             h.log(loss=out.loss, lr=1e-3)
 
@@ -251,9 +251,9 @@ def test_nonfinite_values_anywhere_are_counted_alerted_once_and_training_goes_on
     gen = torch.Generator().manual_seed(0)
     for step in range(8):
         now["step"] = step
-        mon.log_step(step)
         with torch.no_grad():
             out = model(**synthetic_batch(model_cfg, batch_size=1, generator=gen))
+        mon.log_step(step)
         with mon.step(step) as h:  # the loss is NaN at steps 2 and 3
             h.log(loss=out.loss * float("nan") if step in (2, 3) else out.loss, lr=1e-3)
     mon.finalize()

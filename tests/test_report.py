@@ -72,6 +72,7 @@ def test_read_run_skips_a_last_line_cut_short_and_refuses_a_corrupt_middle_line(
     for step in range(3):
         with mon.step(step) as h:
             h.log(loss=torch.tensor(1.0))
+    mon.log_step(3)  # writes the record of step 2
     path = tmp_path / "r" / "monitor_logs" / "r.jsonl"
     with open(path, "a") as f:
         f.write('{"step": 3, "mode": "tr')  # killed mid-write

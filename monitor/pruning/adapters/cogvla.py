@@ -224,8 +224,10 @@ class CogVLAMonitoring:
         self._attached = root
         counts = {}
         for part, obs in self.observers.items():
+            adapter = None
             try:
-                counts[part] = self._adapter(part, obs, root).attach(root)
+                adapter = self._adapter(part, obs, root)
+                counts[part] = adapter.attach(root)
             except Exception as exc:  # noqa: BLE001 - an odd model must not stop training
                 obs.remove_hooks()
                 counts[part] = 0
@@ -234,9 +236,10 @@ class CogVLAMonitoring:
                               "this part records nothing", RuntimeWarning, stacklevel=2)
                 continue
             if counts[part] == 0:
-                warnings.warn(f"monitor {part}: enabled but no {part.upper()} module was found "
-                              "in the model; nothing will be recorded for it (see meta)",
-                              RuntimeWarning, stacklevel=2)
+                why = getattr(adapter, "why_nothing", None) or \
+                    f"enabled but no {part.upper()} module was found in the model"
+                warnings.warn(f"monitor {part}: {why}; nothing will be recorded for it "
+                              "(see meta)", RuntimeWarning, stacklevel=2)
             obs.describe(found=counts[part] > 0)
         return counts
 

@@ -19,7 +19,7 @@ Aggr        ``<vit>.patch_embed`` and ``<vit>`` itself                  tokens i
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +30,8 @@ from monitor.pruning.aggregation import AggregationObserver
 from monitor.pruning.film import FiLMObserver
 from monitor.pruning.moe import MoERouterObserver
 from monitor.pruning.routing import PruningObserver
+
+log = logging.getLogger("monitor")
 
 ENCODER_ATTRS = (("featurizer", "vision_aggr_featurizer"),
                  ("fused_featurizer", "vision_aggr_fused_featurizer"))
@@ -277,8 +279,12 @@ class CogVLAFiLMAdapter:
     """Feeds a :class:`FiLMObserver` from ``.scale`` (gamma) and ``.shift`` (beta) of the
     FiLM blocks at ``sample_layers`` in each encoder (components ``{enc}/layer_{i:02d}``).
 
-    An index an encoder lacks is skipped (one warning, listed in meta). The last block of
-    each encoder runs but never receives a gradient (the encoder output is taken from
+    An index an encoder lacks is skipped: the released ``[0, 9, 18, 26]`` samples block 26,
+    which SigLIP (27 blocks) has and DINOv2 (24) lacks, so that is expected; it is said
+    once, on the writing rank, through ``logging.getLogger("monitor")`` at INFO, and listed
+    in meta (``skipped``). Only indices that match no block of any encoder leave the part
+    with nothing to do (:attr:`why_nothing`, which the facade warns with). The last block
+    of each encoder runs but never receives a gradient (the encoder output is taken from
     block ``len(blocks) - 2``): meta names it, and a sampled one is flagged.
     """
 
@@ -286,6 +292,8 @@ class CogVLAFiLMAdapter:
                  sample_layers: Sequence[int] = (0, 9, 18, 26)) -> None:
         self.observer = observer
         self.sample_layers = [int(i) for i in sample_layers]
+        self.why_nothing: str | None = None
+        """Why :meth:`attach` hooked nothing, when it did not (else None)."""
 
     def attach(self, model: torch.nn.Module) -> int:
         root = unwrap(model)
@@ -309,9 +317,13 @@ class CogVLAFiLMAdapter:
                 self.observer.hook(blocks[i].scale, self._hook(comp, "gamma"), name=f"{comp}.scale")
                 self.observer.hook(blocks[i].shift, self._hook(comp, "beta"), name=f"{comp}.shift")
                 hooks += 2
-        if skipped:
-            warnings.warn(f"monitor film: film_sample_layers indices that an encoder lacks are "
-                          f"skipped: {skipped}", RuntimeWarning, stacklevel=3)
+        depths = ", ".join(f"{n} {e['blocks']}" for n, e in encoders.items())
+        if encoders and not hooks:
+            self.why_nothing = (f"film_sample_layers {self.sample_layers} match no FiLM block "
+                                f"(blocks per encoder: {depths})")
+        elif skipped and self.observer.session.world.is_writer:
+            log.info("monitor film: film_sample_layers indices an encoder lacks are skipped "
+                     "(blocks per encoder: %s): %s", depths, ", ".join(skipped))
         self.observer.describe(
             encoders=encoders, sample_layers=self.sample_layers, skipped=skipped,
             dead_blocks=dead, sampled_dead_blocks=sampled_dead,
