@@ -143,7 +143,9 @@ class Monitor:
             also starts one (``pip install "monitor[wandb]"``), ``False`` never logs.
         console: a one-line summary through ``logging.getLogger("monitor")`` at each
             train record (rank 0).
-        The last three apply when the monitor builds its own session; with ``session=``,
+        export_all: TensorBoard/W&B get every value of every record, not the compact
+            export (``monitor.integrations.names``).
+        The last four apply when the monitor builds its own session; with ``session=``,
         whoever built it adds integrations (``monitor.integrations.add_integrations``).
     """
 
@@ -161,13 +163,14 @@ class Monitor:
         tensorboard: bool = False,
         wandb: bool | None = None,
         console: bool = True,
+        export_all: bool = False,
     ) -> None:
         train = _ModeStream(self, "train", log_interval)
         self.log_interval = log_interval
         self._owns_session = session is None
-        if session is not None and (tensorboard or wandb):
-            raise ValueError("tensorboard=/wandb= apply to a monitor that builds its own "
-                             "session; with session= call monitor.integrations."
+        if session is not None and (tensorboard or wandb or export_all):
+            raise ValueError("tensorboard=/wandb=/export_all= apply to a monitor that builds "
+                             "its own session; with session= call monitor.integrations."
                              "add_integrations(session, ...) instead")
         if session is None:
             if run_dir is None or run_id is None:
@@ -181,7 +184,8 @@ class Monitor:
                 run_dir, run_id, config_name=config_name, config=meta_config,
                 participation=participation, participation_timeout=participation_timeout,
             )
-            add_integrations(session, tensorboard=tensorboard, wandb=wandb, console=console)
+            add_integrations(session, tensorboard=tensorboard, wandb=wandb, console=console,
+                             export_all=export_all)
         self.session = session
         self.run_id = session.run_id
         self._scheduler = session.scheduler

@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import tracemalloc
-import warnings
 from pathlib import Path
 
 import pytest

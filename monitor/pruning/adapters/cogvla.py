@@ -83,6 +83,9 @@ class CogVLAMonitoringConfig:
     """Project of a W&B run the monitor starts (``enable_wandb=True``; default "monitor")."""
     console: bool = True
     """A ``logging`` line on rank 0 at each train record (step, loss, lr, throughput)."""
+    export_all: bool = False
+    """TensorBoard/W&B get every value of every record (about 1,000 scalar keys with every
+    part on) instead of the compact export (under 200; ``monitor.integrations.names``)."""
     console_samples_per_step: int | None = None
     """Global batch size, to show samples/s in the console line."""
     film_sample_layers: list[int] = field(default_factory=lambda: [0, 9, 18, 26])
@@ -99,7 +102,7 @@ class CogVLAMonitoringConfig:
     def __post_init__(self) -> None:
         for name in ("enable_train_monitor", "enable_lfp_monitor", "enable_film_monitor",
                      "enable_moe_monitor", "enable_aggr_monitor", "enable_tensorboard",
-                     "console"):
+                     "console", "export_all"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"CogVLAMonitoringConfig.{name} must be a bool, "
@@ -192,7 +195,8 @@ class CogVLAMonitoring:
             else None
         add_integrations(s, tensorboard=cfg.enable_tensorboard, wandb=cfg.enable_wandb,
                          wandb_project=cfg.wandb_project, console=cfg.console,
-                         samples_per_step=cfg.console_samples_per_step)
+                         samples_per_step=cfg.console_samples_per_step,
+                         export_all=cfg.export_all)
         self._attached: torch.nn.Module | None = None
         self._paths: dict[str, str] | None = None
         self._warned_no_train = False
