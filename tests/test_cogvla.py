@@ -83,6 +83,10 @@ def test_facade_writes_every_stream_and_finalize_returns_each_part(tmp_path, cfg
                 assert set(value) == {"mean", "std", "min", "max", "count", "nonfinite"}
     meta = json.loads((run / "monitor_logs" / "r_meta.json").read_text())
     assert meta["parts"]["film"]["skipped"] == ["dino/layer_26"]
+    assert {e["class"] for e in meta["parts"]["film"]["encoders"].values()} == {
+        "FiLMedVisionTransformerAggregator"}  # the official class name
+    assert meta["parts"]["aggr"]["encoders"]["siglip"]["class"] == \
+        "FiLMedVisionTransformerAggregator"
     assert meta["parts"]["film"]["dead_blocks"] == {"dino": 23, "siglip": 26}
     assert meta["parts"]["film"]["sampled_dead_blocks"] == ["siglip/layer_26"]
     assert meta["parts"]["lfp"]["layers"] == list(range(8, 32))
@@ -504,3 +508,13 @@ def test_a_first_forward_under_inference_mode_does_not_break_later_flushes(tmp_p
     moe = read_jsonl(tmp_path / "r" / "moe_logs" / "r.jsonl")
     assert [(r["step"], r["metrics"]["dino_weight"]["count"]) for r in moe] == [
         (0, 4), (1, 4), (2, 4)]
+
+
+def test_film_layers_that_match_no_block_are_the_one_film_warning(tmp_path, cfg):
+    model = build_tiny_cogvla(cfg, seed=0)
+    mon = make(tmp_path, film_sample_layers=[27, 40], enable_lfp_monitor=False,
+               enable_moe_monitor=False, enable_aggr_monitor=False)
+    with pytest.warns(RuntimeWarning, match=r"film_sample_layers \[27, 40\] match no FiLM "
+                                            r"block \(blocks per encoder: dino 24, siglip 27\)"):
+        assert mon.attach(model) == {"film": 0}
+    mon.finalize()

@@ -433,3 +433,21 @@ def test_config_validates_the_integration_fields():
         CogVLAMonitoringConfig(console_samples_per_step=0)
     with pytest.raises(TypeError, match="wandb_project must be a str"):
         CogVLAMonitoringConfig(wandb_project=3)
+
+
+def test_one_setting_exports_everything_to_every_integration(tmp_path):
+    pytest.importorskip("tensorboard")
+    with pytest.raises(TypeError, match="export_all must be a bool"):
+        CogVLAMonitoringConfig(export_all=1)
+    for export_all in (False, True):
+        mon = CogVLAMonitoring(run_dir=tmp_path / str(export_all), run_id="r",
+                               cfg=CogVLAMonitoringConfig(enable_tensorboard=True,
+                                                          export_all=export_all))
+        listeners = [x for x in mon.session.listeners if hasattr(x, "export_all")]
+        assert {type(x).__name__ for x in listeners} == {"TensorBoardListener",
+                                                         "WandbListener"}
+        assert all(x.export_all is export_all for x in listeners)
+        mon.finalize()
+    mon = Monitor(run_dir=tmp_path / "m", run_id="m", export_all=True, console=False)
+    assert [x.export_all for x in mon.session.listeners] == [True]  # W&B, when a run exists
+    mon.finalize()

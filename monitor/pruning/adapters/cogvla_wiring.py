@@ -41,6 +41,18 @@ DEFAULT_ENCODER_NAMES = {"featurizer": "dino", "fused_featurizer": "siglip"}
 KNOWN_FAMILIES = (("dino", "dino"), ("siglip", "siglip"), ("clip", "clip"))
 # (depth, width, prefix tokens) of the released encoders
 KNOWN_SHAPES = {(24, 1024, 5): "dino", (27, 1152, 0): "siglip"}
+# What each wrapped ViT class carries: the class CogVLA's wrappers set with
+# `vit.__class__ = ...` (prismatic/models/vit_wrapper_reg.py, film_vit_wrapper.py), then
+# the earlier names of the monitor's stand-in (kept: harmless). Encoders are still found
+# by path and FiLM blocks by their .scale/.shift; the class goes into meta.
+VIT_CLASSES = {
+    "FiLMedVisionTransformerAggregator": ("film", "aggregation"),
+    "VisionTransformerAggregator": ("aggregation",),
+    "FiLMedVisionTransformer": ("film",),
+    "VisionTransformer": (),
+    "FiLMedVisionTransformerRegister": ("film", "aggregation"),
+    "VisionTransformerRegister": ("aggregation",),
+}
 
 
 def vision_backbone_of(root: torch.nn.Module) -> torch.nn.Module | None:
@@ -75,9 +87,12 @@ def moe_router_of(root: torch.nn.Module) -> torch.nn.Module | None:
 def find_encoders(root: torch.nn.Module) -> list[dict]:
     """The vision encoders in MoE expert order, each named from the model itself.
 
-    Returns dicts ``{"attr", "name", "module", "how"}``. The name comes from the config's
-    ``timm_model_ids`` (entry i for encoder i), else from the encoder's depth, width and
-    prefix tokens, else from OpenVLA's attribute convention; ``how`` says which.
+    Returns dicts ``{"attr", "name", "module", "how", "class", "carries"}``. The name
+    comes from the config's ``timm_model_ids`` (entry i for encoder i), else from the
+    encoder's depth, width and prefix tokens, else from OpenVLA's attribute convention;
+    ``how`` says which. ``class`` is the ViT's class name (``FiLMedVisionTransformerAggregator``
+    in the released models) and ``carries`` what :data:`VIT_CLASSES` says it adds
+    (None for a class it does not know).
     """
     vb = vision_backbone_of(root)
     if vb is None:
@@ -95,7 +110,9 @@ def find_encoders(root: torch.nn.Module) -> list[dict]:
         if name in taken:
             name = f"{name}{i}"
         taken.add(name)
-        found.append({"attr": attr, "name": name, "module": vit, "how": how})
+        cls = type(vit).__name__
+        found.append({"attr": attr, "name": name, "module": vit, "how": how, "class": cls,
+                      "carries": VIT_CLASSES.get(cls)})
     return found
 
 
@@ -303,8 +320,8 @@ class CogVLAFiLMAdapter:
             if not any(b is not None for b in blocks):
                 continue
             name = enc["name"]
-            encoders[name] = {"attribute": enc["attr"], "identified_by": enc["how"],
-                              "blocks": len(blocks)}
+            encoders[name] = {"attribute": enc["attr"], "class": enc["class"],
+                              "identified_by": enc["how"], "blocks": len(blocks)}
             dead[name] = len(blocks) - 1
             for i in self.sample_layers:
                 if not 0 <= i < len(blocks) or blocks[i] is None:
@@ -402,7 +419,8 @@ class CogVLAAggregationAdapter:
                 hooks += 1
             self.observer.hook(vit, self._out_hook(name, k, vit), name=name)
             hooks += 1
-            found[name] = {"aggregation_tokens": aggr_attr, "k": k, "identified_by": enc["how"]}
+            found[name] = {"aggregation_tokens": aggr_attr, "k": k, "class": enc["class"],
+                           "identified_by": enc["how"]}
         self.observer.describe(encoders=found)
         return hooks
 
