@@ -18,8 +18,8 @@ See ``monitor/README.md`` for the log tree and every field.
 
 from monitor._version import __version__
 from monitor.distributed import RankMismatchError
-from monitor.observer import Observer  # noqa: E402  (after Monitor: observers build on it)
-from monitor.pruning import (  # noqa: E402
+from monitor.observer import Observer
+from monitor.pruning import (
     AggregationObserver,
     FiLMObserver,
     MoERouterObserver,

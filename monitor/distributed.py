@@ -1,4 +1,6 @@
-"""Everything that talks to ``torch.distributed``: the only module that imports it.
+"""Everything the monitor does with ``torch.distributed``: the only module of the running
+monitor that imports it (``monitor.testing.probes`` patches it to count collectives in tests
+and benchmarks, never in a training job).
 
 Three jobs:
 
@@ -14,6 +16,16 @@ Three jobs:
   differ, the union is reduced with two ``all_gather`` calls instead, so a flush never
   costs more than 3 collectives. ``ReduceOp.AVG``/``PREMUL_SUM`` are never used (gloo
   lacks them).
+
+  *Which rank* comes free with the order of the two: the SUM buffer is built once the MAX
+  result is known, so each rank adds, in :func:`monitor.stats.rank_columns` extra columns
+  (1 up to 17 ranks, a function of the world size alone), its rank flags: "my finite max
+  is the global max", "my finite min is the global min", "I saw a non-finite value", as
+  distinct bits (:func:`monitor.stats.rank_flags`). Their float64 sums are exact, so the
+  reduced rows name the lowest rank holding each extreme and every rank that saw a NaN/Inf,
+  for any world size, in the same two collectives. The union path computes the same
+  columns from the gathered rows. ``Reducer(..., forensics=False)`` leaves them out (the
+  flush of before, kept for the benchmark's comparison).
 """
 
 from __future__ import annotations
@@ -201,9 +213,13 @@ class Reducer:
 
     HEADER = ("step", "-step", "mode", "-mode", "schema", "-schema", "rows", "-rows", "blob")
 
-    def __init__(self, collective: bool, device: torch.device) -> None:
+    def __init__(self, collective: bool, device: torch.device, *, forensics: bool = True) -> None:
         self.collective = collective
         self.device = device
+        self.forensics = forensics
+        """Whether reduced rows carry the rank columns (``monitor.stats.rank_flags``)."""
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if collective \
+            else (0, 1)
         self._schemas: dict[tuple, tuple[bytes, int]] = {}
         self.capacity = 0
         """Rows the first collective of a flush carries with the header (agreed by every
@@ -213,7 +229,10 @@ class Reducer:
         """Two collectives per flush once the first flush has fixed the capacity (the
         header rides on the MAX buffer); three at the first flush, when the rows outgrow
         the capacity, or when ranks disagree on the names (the union path)."""
-        if not self.collective:
+        if not self.collective:  # rank 0's own values (one process, or rank 0 alone)
+            if self.forensics:
+                rows = torch.cat([rows, stats.rank_flags(rows, rows[:, stats.MIN],
+                                                         rows[:, stats.MAX], 0, 1)], dim=1)
             return layout, rows.cpu()  # host sync: once per flush
         blob, schema = self._schema(layout)
         num = rows.shape[0]
@@ -279,11 +298,19 @@ class Reducer:
         return self._sums(rows, -extremes[n:], extremes[:n])
 
     def _sums(self, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """The SUM collective, shifted by the global midrange (exact for constant data)."""
+        """The SUM collective, shifted by the global midrange (exact for constant data),
+        with this rank's flags against the global extremes in the rank columns."""
         shift = stats.midrange_shift(lo, hi)
-        sums = stats.shifted_sums(rows, shift).contiguous()
+        sums = stats.shifted_sums(rows, shift)
+        if self.forensics:
+            flags = stats.rank_flags(rows, lo, hi, self.rank, self.world_size)
+            sums = torch.cat([sums, flags], dim=1)
+        sums = sums.contiguous()
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        return stats.rows_from_sums(sums, shift, lo, hi).cpu()  # host sync: results
+        out = stats.rows_from_sums(sums, shift, lo, hi)
+        if self.forensics:
+            out = torch.cat([out, sums[:, stats.NUM_SUMS:]], dim=1)
+        return out.cpu()  # host sync: results
 
     def _reduce_union(self, layout: Layout, rows: torch.Tensor, blob: bytes, max_rows: int,
                       max_blob: int):
@@ -301,12 +328,20 @@ class Reducer:
         union = {g: sorted({n for lay in layouts for n in lay.get(g, [])}) for g in groups}
         position = {(g, n): i for i, (g, n) in enumerate(_flat(union))}
         total = stats.empty_rows(len(position), "cpu")
+        every = []
         for lay, their_rows in zip(layouts, gathered):
             keys = _flat(lay)
             idx = torch.tensor([position[k] for k in keys], dtype=torch.long)
             placed = stats.empty_rows(len(position), "cpu")
             placed[idx] = their_rows[: len(keys)].cpu()
             total = stats.combine(total, placed)
+            every.append(placed)
+        if self.forensics:  # every rank's rows are here: the same flags as the SUM path
+            lo, hi = total[:, stats.MIN], total[:, stats.MAX]
+            flags = torch.zeros(total.shape[0], stats.rank_columns(world), dtype=stats.DTYPE)
+            for r, placed in enumerate(every):
+                flags += stats.rank_flags(placed, lo, hi, r, world)
+            total = torch.cat([total, flags], dim=1)
         return union, total
 
 

@@ -14,8 +14,10 @@ Rank 0 writes them under ``{run_dir}/{part}_logs/``::
     {run_id}_summary.json     first/last/min/max of each metric's means, alerts, what was attached
 
 The first time a metric has non-finite values in a record, an alert record
-``{"alert": {"type": "nonfinite", "stream", "metric", "nonfinite", "count"}}`` goes to the
-compact stream (once per metric and stream; training goes on).
+``{"alert": {"type": "nonfinite", "stream", "metric", "nonfinite", "count",
+"nonfinite_ranks"}}`` goes to the compact stream (once per metric and stream; training goes
+on). Values carry ``min_rank``/``max_rank`` (and ``nonfinite_ranks``) like the training
+metrics' (:mod:`monitor.records`).
 
 Every slot is declared before the first hook fires (:meth:`Observer.declare`), so every
 rank reduces the same rows whichever hooks fired. Hooks run under ``torch.no_grad()`` on
@@ -35,32 +37,20 @@ calls labelled (``log_step(s)`` after the forward: see :meth:`Observer.log_step`
 
 from __future__ import annotations
 
-import logging
-import math
-import time
 import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
 from monitor import stats
-from monitor.records import (
-    SummaryTracker,
-    alert_record,
-    metrics_of,
-    nonfinite_alerts,
-    record,
-)
+from monitor.part import PartWriter
+from monitor.records import metrics_of, record
 from monitor.schedule import check_step
 from monitor.session import MonitorSession
 from monitor.streams import SlotStream
 
-log = logging.getLogger("monitor")
-
 HIST_SEP = "#"
 """Histogram bins are slots named ``{metric}#{bin}``."""
-
-SUMMARY_EVERY_S = 30.0
 
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
@@ -92,9 +82,9 @@ class _ObserverStream(SlotStream):
         super().__init__(group, interval, interval_name, drain=observer.drain)
         self.observer, self.kind = observer, kind
 
-    def emit(self, label, names, rows) -> None:
+    def emit(self, step, names, rows) -> None:
         self.slots.declare(names)  # adopt the union so the next flush takes the fast path
-        self.observer._emit(self.kind, label, names, rows)
+        self.observer._emit(self.kind, step, names, rows)
 
 
 class Observer:
@@ -121,31 +111,33 @@ class Observer:
                                         "detailed_log_interval")
         session.scheduler.add(self.events)
         session.scheduler.add(self.detailed)
-        stem = f"{self.part}_logs/{self.run_id}"
-        streams = {"events": f"{stem}.jsonl", "detailed": f"{stem}_detailed.jsonl"}
-        self._summary_name = f"{stem}_summary.json"
-        self.jsonl_path = session.files.path(streams["events"])
-        self.detailed_path = session.files.path(streams["detailed"])
-        self.summary_path = session.files.path(self._summary_name)
-        self._sinks = {kind: session.files.jsonl(name) for kind, name in streams.items()}
+        layout = session.layout
+        self.writer = PartWriter(
+            session, self.part,
+            {"events": layout.stream(self.part), "detailed": layout.detailed(self.part)},
+            alert_file="events", scope_key="stream", summary_path=layout.summary(self.part),
+            summary_extra=self._summary_fields, on_resume=self._on_resume,
+        )
+        self.jsonl_path = self.writer.paths["events"]
+        self.detailed_path = self.writer.paths["detailed"]
+        self.summary_path = self.writer.summary_path
         self._hists: dict[str, list[float]] = {}
         self._bins: dict[tuple[str, ...], stats.Bins] = {}
-        self._constants: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._constants: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._deferred: dict[object, tuple[Callable, object]] = {}
         self._hooks: list = []
         self._hook_errors = 0
         self._warned_hook_error = False
         self.last_metrics: dict[str, dict] = {}
         self.last_step: int | None = None
-        self.alerts: list[dict] = []
         self.attached: dict = {}
-        self._summary = SummaryTracker()
-        self._summary_written_at = -math.inf
         self._finalized = False
-        self._nonfinite_seen: set[tuple[str, str]] = set()
-        for kind, name in streams.items():
-            session.register_stream_file(name, lambda kept, k=kind: self._on_resume(k, kept))
         session.on_exit(lambda status, error: self.finalize(status, flush=False, error=error))
+
+    @property
+    def alerts(self) -> list[dict]:
+        """The alert records written so far (and a resumed run's earlier ones)."""
+        return self.writer.alerts
 
     # -- declaring slots ------------------------------------------------------------------
 
@@ -166,10 +158,6 @@ class Observer:
         self._bins[names] = bins
         return names
 
-    def add_to_histogram(self, names: tuple[str, ...], values: torch.Tensor) -> None:
-        """Count ``values`` into the histogram slots ``names`` (from :meth:`declare_histogram`)."""
-        self.detailed.slots.update_rows(names, stats.rows_of_bins(values, self._bins[names]))
-
     def add_to_histograms(self, names: Sequence[tuple[str, ...]], values: torch.Tensor) -> None:
         """Count row ``i`` of the 2-d ``values`` into histogram ``names[i]``, all at once.
 
@@ -184,12 +172,16 @@ class Observer:
         self.detailed.slots.update_rows(joined_names(names), rows)
 
     def on_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """A cached copy of a constant host tensor (e.g. an index) on ``device``."""
+        """A cached copy of a constant host tensor (e.g. an index) on ``device``.
+
+        The cache holds ``tensor`` itself beside its copy, so its ``id`` cannot be reused
+        by another tensor while the entry lives, and checks identity on every hit.
+        """
         key = (id(tensor), device)
         cached = self._constants.get(key)
-        if cached is None:
-            cached = self._constants[key] = tensor.to(device)
-        return cached
+        if cached is None or cached[0] is not tensor:
+            cached = self._constants[key] = (tensor, tensor.to(device))
+        return cached[1]
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -223,7 +215,7 @@ class Observer:
         self._deferred[key] = (process, item)
 
     @staticmethod
-    def version(tensor: torch.Tensor) -> int | None:
+    def inplace_version(tensor: torch.Tensor) -> int | None:
         """``tensor``'s in-place version counter, for :meth:`unchanged` (None for an
         inference tensor, which has none)."""
         return None if tensor.is_inference() else tensor._version
@@ -285,9 +277,9 @@ class Observer:
         """
         step = check_step(step)
         if not self._finalized:
-            self.session.scheduler.advance(step)
+            self.session.log_step(step)
 
-    def _emit(self, kind: str, label: int, names: list[str], rows: torch.Tensor) -> None:
+    def _emit(self, kind: str, step: int, names: list[str], rows: torch.Tensor) -> None:
         hist_rows = [i for i, n in enumerate(names) if HIST_SEP in n]
         plain = [i for i, n in enumerate(names) if HIST_SEP not in n]
         metrics = metrics_of([names[i] for i in plain], rows[plain])
@@ -299,19 +291,13 @@ class Observer:
                 out["histograms"] = hists
         if not metrics and "histograms" not in out:
             return
-        rec = record(label, None, self.session.world_size, metrics)
+        rec = record(step, None, self.session.world_size, metrics)
         rec.update(out)
-        self._sinks[kind].write(rec)
-        self.session.publish(self.part, kind, rec)
-        self._summary.add(label, kind, metrics)
+        alerts: list[dict] = []
         if kind == "events":
-            self.last_metrics, self.last_step = metrics, label
-            for alert in self.check_alerts(label, metrics):
-                self._alert(label, alert)
-        for alert in nonfinite_alerts(metrics, self._nonfinite_seen, "stream", kind):
-            self._alert(label, alert)
-        if time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_S:
-            self._write_summary("running", None)
+            self.last_metrics, self.last_step = metrics, step
+            alerts = self.check_alerts(step, metrics)
+        self.writer.write(kind, kind, rec, alerts=alerts)
 
     def _overall(self, names: list[str], rows: torch.Tensor) -> dict[str, dict]:
         """``overall/{m}``: the rows of every component's ``m`` combined (exact moments)."""
@@ -321,10 +307,7 @@ class Observer:
                    and not n.startswith("overall/")]
             if not idx:
                 continue
-            total = stats.empty_rows(1)
-            for i in idx:
-                total = stats.combine(total, rows[i : i + 1])
-            out.update(metrics_of([f"overall/{metric}"], total))
+            out.update(metrics_of([f"overall/{metric}"], stats.combine_all(rows[idx])))
         return out
 
     def _histograms(self, names: list[str], rows: torch.Tensor) -> dict[str, dict]:
@@ -346,14 +329,6 @@ class Observer:
         """Alerts raised by a compact record (host-side, rank 0's reduced values)."""
         return []
 
-    def _alert(self, step: int, alert: dict) -> None:
-        rec = alert_record(step, self.session.world_size, alert)
-        self.alerts.append(rec)
-        self._sinks["events"].write(rec)
-        self.session.publish(self.part, "alert", rec)
-        if self.session.world.is_writer:
-            log.warning("monitor %s alert at step %d: %s", self.part, step, alert)
-
     # -- summary and end ------------------------------------------------------------------
 
     def get_summary(self) -> dict:
@@ -363,9 +338,8 @@ class Observer:
     def describe(self, **info) -> None:
         """Record what an adapter attached (written to the run's meta under ``parts``)."""
         self.attached.update(info)
-        parts = dict(self.session.meta.get("parts", {}))
-        parts[self.part] = {**self.attached, "hook_errors": self._hook_errors}
-        self.session.update_meta(parts=parts)
+        self.session.meta.set_part(self.part, {**self.attached,
+                                               "hook_errors": self._hook_errors})
 
     def finalize(self, status: str = "completed", *, flush: bool = True,
                  error: str | None = None) -> str:
@@ -385,27 +359,17 @@ class Observer:
             self.session.scheduler.remove(self.events)
             self.session.scheduler.remove(self.detailed)
             self.describe()
-            self._write_summary(status, error)
+            self.writer.finish(status, error)
         return str(self.summary_path)
 
     def _on_resume(self, kind: str, kept: list[dict]) -> None:
-        """Seed the summary (and the last compact values, the alerts) with the earlier
-        segments' live records of stream ``kind`` (resumed run)."""
+        """A resumed run: the last compact values are the earlier segments' last."""
+        if kind != "events":
+            return
         for rec in kept:
             if isinstance(rec.get("metrics"), dict):
-                self._summary.add(rec["step"], kind, rec["metrics"])
-                if kind == "events":
-                    self.last_metrics, self.last_step = rec["metrics"], rec["step"]
-            elif isinstance(rec.get("alert"), dict):
-                self.alerts.append(rec)
+                self.last_metrics, self.last_step = rec["metrics"], rec["step"]
 
-    def _write_summary(self, status: str, error: str | None) -> None:
-        self._summary_written_at = time.monotonic()
-        if status != "running":
-            self.session.start_segment()  # a resumed run that never flushed still seeds
-        summary = self._summary.to_dict(self.run_id, self.session.start_time, status, error)
-        summary.update(part=self.part, alerts=self.alerts, attached=self.attached,
-                       hook_errors=self._hook_errors, last=self.get_summary(),
-                       degraded=self.session.degraded)
-        self.session.files.write_json(self._summary_name, summary, pretty=False,
-                                      durable=status != "running")
+    def _summary_fields(self) -> dict:
+        return {"part": self.part, "attached": self.attached,
+                "hook_errors": self._hook_errors, "last": self.get_summary()}

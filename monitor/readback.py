@@ -16,25 +16,29 @@ Example::
 Each part is a :class:`PartLog` with plain lists of dicts, exactly the JSONL lines:
 ``records`` (compact, or the training records of every mode with their ``mode``),
 ``detailed``, ``alerts``, and ``summary`` (the part's ``*_summary.json``, or None).
-A last line cut short (a run killed mid-write) is skipped; a bad line elsewhere raises.
+Files are read by :func:`monitor.layout.read_records`: a last line cut short (a run killed
+mid-write) is dropped; any other unreadable or wrong-shaped line is skipped with one warning
+naming the file and line. Parts are found in the tree (any ``{part}_logs/`` folder with a
+compact JSONL, so a user's own observer reads back too), ordered as meta lists them.
 A resumed run reads as one history: the dead segment's records at steps the new segment
 did again are dropped, like the resume markers (``monitor.records.live_records``).
 DataFrames have flat columns: ``step``, ``time``, ``world_size``, ``mode`` (training),
-then ``{metric}.{field}`` for ``mean``, ``std``, ``min``, ``max``, ``count``, ``nonfinite``.
+then ``{metric}.{field}`` for ``mean``, ``std``, ``min``, ``max``, ``count``, ``nonfinite``,
+``min_rank``, ``max_rank`` and ``nonfinite_ranks`` (a list of ranks, or None where the
+record had no NaN/Inf in that metric).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from monitor.layout import TRAIN, RunLayout, read_json, read_records
 from monitor.records import live_records
 
-FOLDERS = {"train": "monitor_logs", "lfp": "lfp_logs", "film": "film_logs",
-           "moe": "moe_logs", "aggr": "aggr_logs"}
-FIELDS = ("mean", "std", "min", "max", "count", "nonfinite")
+FIELDS = ("mean", "std", "min", "max", "count", "nonfinite", "min_rank", "max_rank",
+          "nonfinite_ranks")
 
 
 @dataclass
@@ -135,59 +139,29 @@ def read_run(run_dir: str | os.PathLike, run_id: str | None = None) -> RunLog:
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a folder.
-        ValueError: several runs' files and no ``run_id``, or a corrupt line.
+        ValueError: several runs' files and no ``run_id``.
     """
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no run folder at {str(root)!r}")
-    run_id = run_id or _guess_run_id(root)
-    meta = _read_json(root / "monitor_logs" / f"{run_id}_meta.json")
+    layout = RunLayout(run_id or _guess_run_id(root))
+    meta = read_json(root / layout.meta)
     logs = {}
-    for part, folder in FOLDERS.items():
-        stem = root / folder / run_id
-        events = Path(f"{stem}.jsonl")
-        if not events.exists():
-            continue
-        lines = live_records(read_jsonl(events))  # a resume's overlap and markers dropped
+    for part in layout.parts_in(root, meta):
+        lines = live_records(read_records(root / layout.stream(part)))  # resume overlap dropped
         log = PartLog(part, records=[r for r in lines if "alert" not in r],
                       alerts=[r for r in lines if "alert" in r],
-                      summary=_read_json(Path(f"{stem}_summary.json")))
-        if part != "train":
-            log.detailed = live_records(read_jsonl(Path(f"{stem}_detailed.jsonl")))
+                      summary=read_json(root / layout.summary(part)))
+        if part != TRAIN:
+            log.detailed = live_records(read_records(root / layout.detailed(part)))
         logs[part] = log
-    return RunLog(root, run_id, meta, logs)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL file (missing: none; a cut-short last line is skipped)."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            if i == len(lines) - 1:  # no newline after it: a write cut short
-                break
-            raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
-    return out
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return RunLog(root, layout.run_id, meta, logs)
 
 
 def _guess_run_id(root: Path) -> str:
-    metas = sorted((root / "monitor_logs").glob("*_meta.json"))
-    if len(metas) == 1:
-        return metas[0].name[: -len("_meta.json")]
-    if len(metas) > 1:
-        ids = [m.name[: -len("_meta.json")] for m in metas]
+    ids = RunLayout.run_ids_in(root)
+    if len(ids) == 1:
+        return ids[0]
+    if len(ids) > 1:
         raise ValueError(f"{str(root)!r} holds several runs {ids}: pass run_id=")
     return root.name

@@ -2,11 +2,15 @@
 
 Every reduced value is written as the same object::
 
-    {"mean": 0.71, "std": 0.05, "min": 0.62, "max": 0.80, "count": 202, "nonfinite": 0}
+    {"mean": 0.71, "std": 0.05, "min": 0.62, "max": 0.80, "count": 202, "nonfinite": 0,
+     "min_rank": 3, "max_rank": 0}
 
 ``std`` is the population standard deviation of the finite values, ``count`` their number,
 ``nonfinite`` the number of NaN/Inf values seen (kept out of the other fields). With
-``count == 0`` the four moments are ``null``.
+``count == 0`` the four moments are ``null``. ``min_rank``/``max_rank`` name the lowest
+rank whose finite values include ``min``/``max`` (``null`` with ``min``/``max``), and
+``nonfinite_ranks``, present only when ``nonfinite > 0``, lists every rank (sorted) that
+saw a NaN/Inf in the interval. In one process, or with rank 0 reducing alone, they are 0.
 """
 
 from __future__ import annotations
@@ -22,11 +26,6 @@ from monitor import stats
 SCHEMA_VERSION = 1
 
 
-def value_stats(row) -> dict:
-    """The JSON object for one reduced row (a sequence of 6 host floats)."""
-    return _value_objects(torch.tensor([list(row)], dtype=stats.DTYPE), [True])[0]
-
-
 def metrics_of(names: Sequence[str], rows: torch.Tensor) -> dict[str, dict]:
     """``{name: value object}`` for the names whose rows saw anything (finite or not).
 
@@ -38,11 +37,14 @@ def metrics_of(names: Sequence[str], rows: torch.Tensor) -> dict[str, dict]:
 
 
 def _value_objects(rows: torch.Tensor, keep: list[bool]) -> list[dict]:
-    """One value object per row whose ``keep`` is True, in order."""
+    """One value object per row whose ``keep`` is True, in order (with the rank fields
+    when ``rows`` carry rank columns, see :mod:`monitor.stats`)."""
     count, nonfinite = rows[:, stats.COUNT], rows[:, stats.NONFINITE]
     std = (rows[:, stats.M2] / count.clamp(min=1.0)).clamp(min=0.0).sqrt()
     table = torch.stack([rows[:, stats.MEAN], std, rows[:, stats.MIN], rows[:, stats.MAX]], 1)
     table = torch.where(torch.isfinite(table) & (count > 0).unsqueeze(1), table, math.nan)
+    if rows.shape[1] > stats.NUM_COLS:
+        return _value_objects_with_ranks(rows, keep, table.tolist())
     counts, nonfinites, values = count.tolist(), nonfinite.tolist(), table.tolist()
     out = []
     for wanted, (mean, sd, lo, hi), n, bad in zip(keep, values, counts, nonfinites):
@@ -52,6 +54,35 @@ def _value_objects(rows: torch.Tensor, keep: list[bool]) -> list[dict]:
             mean, sd, lo, hi = (v if v == v else None for v in (mean, sd, lo, hi))
         out.append({"mean": mean, "std": sd, "min": lo, "max": hi, "count": int(n),
                     "nonfinite": int(bad)})
+    return out
+
+
+def _value_objects_with_ranks(rows, keep, values) -> list[dict]:
+    """:func:`_value_objects` for rows with rank columns: ``min_rank``/``max_rank`` (null
+    with ``min``/``max``) and, where there are NaN/Inf, ``nonfinite_ranks``."""
+    flags = rows[:, stats.NUM_COLS:]
+    lows = stats.lowest_ranks(flags, stats.HOLDS_MIN).tolist()
+    highs = stats.lowest_ranks(flags, stats.HOLDS_MAX).tolist()
+    counts = rows[:, stats.COUNT].to(torch.int64).tolist()  # ints without int() per value
+    nonfinites = rows[:, stats.NONFINITE].to(torch.int64).tolist()
+    out: list[dict] = []
+    append = out.append
+    for wanted, (mean, sd, lo, hi), n, bad, lo_rank, hi_rank in zip(
+            keep, values, counts, nonfinites, lows, highs):
+        if not wanted:
+            continue
+        if mean != mean or sd != sd or lo != lo or hi != hi:  # NaN -> null (rare)
+            mean, sd, lo, hi = (v if v == v else None for v in (mean, sd, lo, hi))
+            lo_rank = lo_rank if lo is not None else None
+            hi_rank = hi_rank if hi is not None else None
+        append({"mean": mean, "std": sd, "min": lo, "max": hi, "count": n, "nonfinite": bad,
+                "min_rank": lo_rank, "max_rank": hi_rank})
+    if any(nonfinites):  # rare: a loop over those rows' bits
+        kept = [i for i, wanted in enumerate(keep) if wanted]
+        for value, i in zip(out, kept):
+            if value["nonfinite"]:
+                value["nonfinite_ranks"] = stats.flagged_ranks(flags[i].tolist(),
+                                                               stats.SAW_NONFINITE)
     return out
 
 
@@ -93,14 +124,47 @@ def nonfinite_alerts(metrics: dict[str, dict], seen: set, scope_key: str,
                      scope: str) -> list[dict]:
     """The alerts of a record's metrics that have non-finite values for the first time in
     ``scope`` (a mode or a stream, named ``scope_key`` in the alert); ``seen`` remembers
-    ``(scope, metric)`` so each alerts once."""
+    ``(scope, metric)`` so each alerts once. An alert names the ranks that saw them
+    (``nonfinite_ranks``) when the value does."""
     alerts = []
     for name, value in metrics.items():
         if value["nonfinite"] and (scope, name) not in seen:
             seen.add((scope, name))
-            alerts.append({"type": "nonfinite", scope_key: scope, "metric": name,
-                           "nonfinite": value["nonfinite"], "count": value["count"]})
+            alert = {"type": "nonfinite", scope_key: scope, "metric": name,
+                     "nonfinite": value["nonfinite"], "count": value["count"]}
+            if "nonfinite_ranks" in value:
+                alert["nonfinite_ranks"] = value["nonfinite_ranks"]
+            alerts.append(alert)
     return alerts
+
+
+def nonfinite_text(metrics: dict[str, dict], limit: int = 3) -> str | None:
+    """``"nonfinite: loss (ranks 1,3), grad (rank 0)"`` for a record's metrics with
+    NaN/Inf values (the first ``limit``, then how many more), or None when there are none."""
+    bad = [(name, value.get("nonfinite_ranks")) for name, value in metrics.items()
+           if value.get("nonfinite")]
+    if not bad:
+        return None
+    parts = []
+    for name, ranks in bad[:limit]:
+        if ranks:
+            parts.append(f"{name} (rank{'s' if len(ranks) > 1 else ''} {ranks_text(ranks)})")
+        else:
+            parts.append(name)
+    more = f", +{len(bad) - limit} more" if len(bad) > limit else ""
+    return "nonfinite: " + ", ".join(parts) + more
+
+
+def ranks_text(ranks) -> str:
+    """Sorted ranks with runs shortened: ``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    ranks = sorted(set(ranks))
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def record(step: int, mode: str | None, world_size: int, metrics: dict) -> dict:
@@ -117,8 +181,9 @@ class SummaryTracker:
 
     ``first_step``/``last_step`` are the steps of the records ``first``/``last`` came from;
     ``records`` counts every record that held the metric (a record whose values were all
-    non-finite has a null mean and does not move first/last/min/max). Also counts records
-    and remembers the last step, for ``*_summary.json``.
+    non-finite has a null mean and does not move first/last/min/max);
+    ``nonfinite_ranks`` is every rank (sorted) that ever saw a NaN/Inf in the metric.
+    Also counts records and remembers the last step, for ``*_summary.json``.
     """
 
     def __init__(self) -> None:
@@ -135,8 +200,12 @@ class SummaryTracker:
             entry = table.get(name)
             if entry is None:
                 entry = table[name] = {"first": None, "last": None, "min": None, "max": None,
-                                       "first_step": None, "last_step": None, "records": 0}
+                                       "first_step": None, "last_step": None, "records": 0,
+                                       "nonfinite_ranks": []}
             entry["records"] += 1
+            if value["nonfinite"] and value.get("nonfinite_ranks"):  # rare
+                known = entry.setdefault("nonfinite_ranks", [])
+                known[:] = sorted(set(known).union(value["nonfinite_ranks"]))
             if mean is None:
                 continue
             if entry["first"] is None:

@@ -1,8 +1,9 @@
 """``python -m monitor report RUN_DIR`` and ``compare RUN_A RUN_B``: tables and PNG plots.
 
 ``report`` prints, for each part, a table of every metric's mean over the records (last,
-min, max, records) with the steps covered, the part's status and the run's participation,
-and writes PNGs into ``{run_dir}/report/``:
+min, max, records) with the steps covered and the ranks that ever saw a NaN/Inf in it
+(``nonfinite on``: ``-`` for none, runs shortened as in ``0-2,5``), the part's status and
+the run's participation, and writes PNGs into ``{run_dir}/report/``:
 
 ============  ==================================================================
 file          what it shows
@@ -26,6 +27,7 @@ import math
 from pathlib import Path
 
 from monitor.readback import RunLog
+from monitor.records import ranks_text
 
 TABLE_KEYS = {  # what the table shows without --all (components are many: 24 LFP layers)
     "lfp": lambda k: k.startswith("overall/"),
@@ -66,17 +68,21 @@ def part_table(run: RunLog, part: str, *, all_metrics: bool = False) -> str:
                 if keep is not None and not keep(key):
                     hidden += 1
                     continue
-                s, values = log.metric(key, mode=mode, detailed=detailed)
-                values = [v for v in values if v is not None]
+                s, series = log.metric(key, mode=mode, detailed=detailed)
+                values = [v for v in series if v is not None]
                 if not s:
                     continue
                 name = f"{mode}/{key}" if mode else key + (" (detailed)" if detailed else "")
+                bad_ranks: set[int] = set()  # every rank that ever saw a NaN/Inf in it
+                for ranks in log.metric(key, "nonfinite_ranks", mode=mode, detailed=detailed)[1]:
+                    if isinstance(ranks, list):
+                        bad_ranks.update(ranks)
                 rows.append((name, _fmt(values[-1] if values else None),
                              _fmt(min(values) if values else None),
                              _fmt(max(values) if values else None), f"{s[0]}..{s[-1]}",
-                             str(len(s))))
+                             str(len(s)), ranks_text(bad_ranks) if bad_ranks else "-"))
     if rows:
-        header = ("metric", "last", "min", "max", "steps", "records")
+        header = ("metric", "last", "min", "max", "steps", "records", "nonfinite on")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
         for r in [header] + rows:
             lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)

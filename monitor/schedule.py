@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import operator
+from monitor.checks import as_int, check_positive_int
 
-
-def _as_int(name: str, value: object) -> int:
-    """A Python or numpy int; bools and torch tensors refused (reading one is a host sync)."""
-    if not isinstance(value, bool) and not type(value).__module__.startswith("torch"):
-        try:
-            return operator.index(value)
-        except TypeError:
-            pass
-    raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
-
-
-def check_interval(name: str, value: object) -> int:
-    """``value`` as a positive int (numpy ints too), else ValueError/TypeError naming ``name``."""
-    value = _as_int(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
+check_interval = check_positive_int
+"""An interval: a positive int (numpy ints too), else ValueError/TypeError naming it."""
 
 
 def check_step(step: object) -> int:
     """A step number: a non-negative int (numpy ints accepted; tensors refused: no host sync)."""
-    value = _as_int("step", step)
+    value = as_int("step", step)
     if value < 0:
         raise ValueError(f"step must be >= 0, got {value}")
     return value

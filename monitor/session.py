@@ -1,15 +1,17 @@
-"""The run a monitor belongs to: who writes, who takes part, the reducer and the meta file.
+"""The run a monitor belongs to: who writes, who takes part, the steps, the reduction, the end.
 
 One :class:`MonitorSession` per run folder and process. ``Monitor`` (training metrics) builds
 its own; the CogVLA facade shares one between the training monitor and its observers so
 that everything due at a step goes through one fused reduction (``session.scheduler``, see
-:mod:`monitor.streams`).
+:mod:`monitor.streams`). What the session delegates: paths to :class:`~monitor.layout.RunLayout`,
+files to :mod:`monitor.sinks`, meta and its segments to :class:`~monitor.meta.RunMeta`, the
+listeners to :class:`~monitor.integrations.fanout.Listeners`, collectives to
+:mod:`monitor.distributed`.
 """
 
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import platform
 import socket
@@ -24,19 +26,14 @@ import torch
 
 from monitor import distributed, records
 from monitor._version import __version__
+from monitor.integrations.fanout import Listener, Listeners
+from monitor.layout import RunLayout, validate_run_id
+from monitor.meta import RunMeta, plain_config
+from monitor.schedule import check_step
 from monitor.sinks import NullRunFiles, RunFiles
 from monitor.streams import FlushScheduler
 
-
-def validate_run_id(run_id: object) -> str:
-    """A run id is a single, non-empty path component."""
-    if not isinstance(run_id, str) or not run_id.strip():
-        raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
-    if "/" in run_id or "\\" in run_id or os.sep in run_id or ".." in run_id or run_id == ".":
-        raise ValueError(f"run_id must not contain a path separator or '..', got {run_id!r}")
-    if "\0" in run_id:
-        raise ValueError(f"run_id must not contain a NUL character, got {run_id!r}")
-    return run_id
+__all__ = ["MonitorSession", "validate_run_id"]
 
 
 class MonitorSession:
@@ -78,7 +75,8 @@ class MonitorSession:
     ) -> None:
         if not isinstance(run_dir, (str, os.PathLike)):
             raise TypeError(f"run_dir must be a str or os.PathLike, got {type(run_dir).__name__}")
-        self.run_id = validate_run_id(run_id)
+        self.layout = RunLayout(run_id)
+        self.run_id = self.layout.run_id
         self.run_dir = Path(run_dir)
         self.world = distributed.detect_world()
         timeout = distributed.participation_timeout(participation_timeout)
@@ -86,11 +84,11 @@ class MonitorSession:
         self.files = RunFiles(self.run_dir, run_id) if self.world.is_writer \
             else NullRunFiles(self.run_dir)
         # a session dropped unfinished frees the lock (at exit the OS does, after the guard)
-        weakref.finalize(self, self.files.close).atexit = False
+        weakref.finalize(self, self.files.close).atexit = False  # type: ignore[misc]
         self.start_time = time.time()
         self._stream_files: list[tuple[str, Callable[[list[dict]], None]]] = []
         self._segment_started = False
-        self._finishers: list[Callable[[str, str | None], None]] = []
+        self._finishers: list[Callable[[str, str | None], object]] = []
         self.closed = False
         self._exit_guard = _ExitGuard(weakref.ref(self))
         atexit.register(self._exit_guard)
@@ -105,11 +103,21 @@ class MonitorSession:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        self._listeners: list[Listener] = []
-        self._closed_listeners = False
-        self.meta_path = f"monitor_logs/{run_id}_meta.json"
-        self.meta = self._initial_meta(config_name, config)
-        self._write_meta()
+        self._listeners = Listeners(self.world.is_writer)
+        self.meta_path = self.layout.meta
+        self.meta = RunMeta(self.files, self.meta_path, {
+            "run_id": self.run_id,
+            "config_name": config_name,
+            "config": plain_config(config),
+            "versions": {"monitor": __version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "world_size": self.world.world_size,
+            "backend": self.world.backend,
+            "participation": self._participation_meta(),
+            "host": socket.gethostname(),
+            "start_time": self.start_time,
+            "schema_version": records.SCHEMA_VERSION,
+        }, start_time=self.start_time)
 
     @property
     def world_size(self) -> int:
@@ -122,7 +130,7 @@ class MonitorSession:
 
     @property
     def resumed(self) -> bool:
-        return bool(self.meta["resumed"])
+        return self.meta.resumed
 
     @property
     def degraded(self) -> bool:
@@ -132,50 +140,33 @@ class MonitorSession:
     # -- listeners: integrations fed with the records rank 0 writes ------------------------
 
     def add_listener(self, listener: Listener) -> None:
-        """Call ``listener.publish(part, kind, record)`` after each record rank 0 writes,
-        and ``listener.close()`` when the run is finalized (see ``monitor.integrations``).
-
-        ``part`` is ``"train"`` or an observer's part (``"lfp"``, ...); ``kind`` is the
-        mode for training records, else ``"events"``, ``"detailed"`` or ``"alert"``.
-        Records are the plain dicts of the JSONL files, already reduced: a listener adds no
-        collective and no host sync. Only the writing rank keeps listeners (elsewhere this
-        does nothing). A listener that raises is warned about once and dropped.
+        """Call ``listener.publish(part, stream, record)`` after each record rank 0 writes,
+        and ``listener.close()`` when the run ends (see :mod:`monitor.integrations.fanout`
+        for the arguments). A listener adds no collective and no host sync; only the
+        writing rank keeps listeners (elsewhere this does nothing). One that raises is
+        warned about once and dropped.
         """
-        if not (callable(getattr(listener, "publish", None))
-                and callable(getattr(listener, "close", None))):
-            raise TypeError("a listener needs publish(part, kind, record) and close() methods, "
-                            f"got {type(listener).__name__}")
-        if self.world.is_writer and not self._closed_listeners:
-            self._listeners.append(listener)
+        self._listeners.add(listener)
 
     @property
     def listeners(self) -> list[Listener]:
         return list(self._listeners)
 
-    def publish(self, part: str, kind: str, record: dict) -> None:
+    def publish(self, part: str, stream: str, record: dict) -> None:
         """Hand a record that was just written to every listener (rank 0 only)."""
-        for listener in list(self._listeners):
-            try:
-                listener.publish(part, kind, record)
-            except Exception as exc:  # noqa: BLE001 - an integration must not kill training
-                self._drop_listener(listener, "publish", exc)
+        self._listeners.publish(part, stream, record)
 
-    def close_listeners(self) -> None:
-        """Close every listener (at finalize). Idempotent."""
-        self._closed_listeners = True
-        listeners, self._listeners = self._listeners, []
-        for listener in listeners:
-            try:
-                listener.close()
-            except Exception as exc:  # noqa: BLE001 - finalize must complete
-                self._drop_listener(listener, "close", exc)
+    # -- steps and flushes ------------------------------------------------------------------
 
-    def _drop_listener(self, listener: Listener, what: str, exc: Exception) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-        warnings.warn(f"monitor: {type(listener).__name__}.{what} failed "
-                      f"({type(exc).__name__}: {exc}); that integration is turned off, "
-                      "training and the JSONL logs go on", RuntimeWarning, stacklevel=4)
+    def log_step(self, step: int) -> None:
+        """The run is at ``step``: flush what an earlier step made due (every part of the
+        session together), then mark what ``step`` makes due."""
+        self.scheduler.advance(check_step(step))
+
+    def flush_all(self) -> None:
+        """Reduce and write whatever every stream of the session holds, in one fused flush
+        (a collective: call it on every rank)."""
+        self.scheduler.flush(list(self.scheduler.streams))
 
     @property
     def device(self) -> torch.device:
@@ -207,18 +198,9 @@ class MonitorSession:
             start += len(names)
         return out
 
-    def update_meta(self, **fields) -> None:
-        self.meta.update(fields)
-        self._write_meta()
-
-    def _write_meta(self) -> None:
-        self.meta.update(self.files.health.as_meta())
-        self.files.write_json(self.meta_path, self.meta)
-
     def _record_participation(self) -> None:
         if self.meta["participation"]["decision"] != self.participation.decision:
-            self.meta["participation"] = self._participation_meta()
-            self._write_meta()
+            self.meta.update(participation=self._participation_meta())
 
     # -- segments (resume) ----------------------------------------------------------------
 
@@ -238,9 +220,9 @@ class MonitorSession:
             return
         self._segment_started = True
         first = self.first_step
-        self.meta["segments"][-1]["first_step"] = first
+        self.meta.segment["first_step"] = first
         if self.resumed and self.files.is_writer:
-            number = len(self.meta["segments"])
+            number = self.meta.segment_number
             for relative, on_resume in self._stream_files:
                 lines = self.files.read_jsonl(relative)
                 live = records.live_records(lines)
@@ -250,23 +232,28 @@ class MonitorSession:
                                                    len(live) - len(kept))
                     self.files.jsonl(relative).write(marker)
                 on_resume(kept)
-        self._write_meta()
+        self.meta.write()
 
     # -- the end --------------------------------------------------------------------------
 
-    def on_exit(self, finisher: Callable[[str, str | None], None]) -> None:
+    def on_exit(self, finisher: Callable[[str, str | None], object]) -> None:
         """``finisher(status, error)`` is called by the exit handler if the session was not
         finished (it must not communicate; ``status`` is ``"failed"`` or ``"incomplete"``)."""
         self._finishers.append(finisher)
 
     def finish(self, status: str, error: str | None = None) -> None:
-        """Write the end into meta (status, error, end time) and release the run folder."""
+        """Close the listeners, write the end into meta (status, error, end time) and
+        release the run folder."""
         if self.closed:
             return
+        self._listeners.close()
+        self._end(status, error)
+
+    def _end(self, status: str, error: str | None) -> None:
         self.start_segment()
         end = time.time()
-        self.meta["segments"][-1].update(end_time=end, status=status)
-        self.update_meta(end_time=end, status=status, error=error)
+        self.meta.segment.update(end_time=end, status=status)
+        self.meta.update(end_time=end, status=status, error=error)
         self.close()
 
     def close(self) -> None:
@@ -289,12 +276,13 @@ class MonitorSession:
             for finisher in list(self._finishers):
                 finisher(status, error)
         finally:
-            self.finish(status, error)
+            if not self.closed:
+                self._end(status, error)  # listeners are left to their own exit handlers
 
     def _participation_meta(self) -> dict:
         decision = self.participation.decision
-        part = {"requested": self.participation.mode, "decision": decision,
-                "reason": self.participation.reason}
+        part: dict[str, object] = {"requested": self.participation.mode,
+                                   "decision": decision, "reason": self.participation.reason}
         if decision is None:
             part.update(decision="pending", statistics="pending (decided at the first flush)")
         elif decision in (distributed.ALL_RANKS, distributed.SINGLE_PROCESS):
@@ -302,26 +290,6 @@ class MonitorSession:
         else:
             part.update(statistics="local", contributing_ranks=[0])
         return part
-
-    def _initial_meta(self, config_name, config) -> dict:
-        previous = self.files.read_json(self.meta_path)
-        segments = list(previous.get("segments", [])) if previous else []
-        segments.append({"start_time": self.start_time, "pid": os.getpid(), "first_step": None})
-        return {
-            "run_id": self.run_id,
-            "config_name": config_name,
-            "config": _plain(config),
-            "versions": {"monitor": __version__, "torch": torch.__version__,
-                         "python": platform.python_version()},
-            "world_size": self.world.world_size,
-            "backend": self.world.backend,
-            "participation": self._participation_meta(),
-            "host": socket.gethostname(),
-            "start_time": self.start_time,
-            "schema_version": records.SCHEMA_VERSION,
-            "resumed": previous is not None,
-            "segments": segments,
-        }
 
 
 class _ExitGuard:
@@ -339,36 +307,3 @@ class _ExitGuard:
 def _before(rec: dict, first: int) -> bool:
     step = rec.get("step")
     return not isinstance(step, int) or step < first
-
-
-class Listener:
-    """What ``MonitorSession.add_listener`` takes (any object with these two methods)."""
-
-    def publish(self, part: str, kind: str, record: dict) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-def _plain(config) -> dict | None:
-    """A JSON-able copy of a config mapping or dataclass (unknown values as their repr)."""
-    if config is None:
-        return None
-    if hasattr(config, "__dataclass_fields__"):
-        config = {f: getattr(config, f) for f in config.__dataclass_fields__}
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping or a dataclass, got {type(config).__name__}")
-    return {str(k): _jsonable(v) for k, v in config.items()}
-
-
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)

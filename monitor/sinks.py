@@ -1,40 +1,39 @@
-"""The only module that touches the filesystem, used on the writing rank (rank 0) only.
+"""Writing the log tree on the writing rank (rank 0): JSONL streams, JSON files, the lock.
 
-Ranks that do not write get :class:`NullRunFiles`, decided once at construction, so call
-sites never branch on rank.
+This module writes every file of a run while it runs (TensorBoard's and W&B's own files
+are written by those libraries, the report's PNGs by :mod:`monitor.report`; paths come
+from :mod:`monitor.layout`, which also holds the one JSONL reader). Ranks that do not
+write get :class:`NullRunFiles`, decided once at construction, so call sites never branch
+on rank.
 
-Files (paths relative to the run folder ``runs/{run_id}``)::
+How each kind of file is written::
 
-    monitor_logs/{run_id}.jsonl          one JSON object per line, appended, flushed per line
-    monitor_logs/{run_id}_summary.json   replaced atomically (write to a temp file, rename)
-    monitor_logs/{run_id}_meta.json      replaced atomically
-    .monitor.lock                        held (flock) by the writing process while it runs
+    *.jsonl          one JSON object per line, appended, one ``write`` per whole line
+    *_summary.json   replaced atomically (write to a temp file, rename)
+    *_meta.json      replaced atomically
+    .monitor.lock    held (flock) by the writing process while it runs
 
 Sample JSONL line::
 
     {"step": 100, "mode": "train", "time": 1764081600.12, "world_size": 2, "metrics":
      {"loss": {"mean": 0.71, "std": 0.05, "min": 0.62, "max": 0.80, "count": 202,
-     "nonfinite": 0}}}
+     "nonfinite": 0, "min_rank": 1, "max_rank": 0}}}
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import glob
 import json
-import logging
 import os
 import socket
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("monitor")
-
-LOCK_NAME = ".monitor.lock"
+from monitor._log import warn_or_log
+from monitor.layout import LOCK_NAME, RunLayout, read_json, read_records
 
 
 class RunDirLockedError(RuntimeError):
@@ -67,16 +66,14 @@ class WriteHealth:
                    f"{exc.strerror or exc}); training goes on, the monitor is degraded: "
                    "failed writes are skipped and retried at the next record (reported once, "
                    "counted in meta as write_errors)")
-        try:
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
-        except RuntimeWarning:  # -W error must not turn a lost disk into a dead run
-            log.error(message)
+        warn_or_log(message, stacklevel=3)  # -W error must not turn a lost disk into a dead run
 
     def as_meta(self) -> dict:
         return {"degraded": self.degraded, "write_errors": self.write_errors,
                 "first_write_error": self.first_write_error}
 
 
+_orjson: Any
 try:  # optional (``monitor[fast]``): the same JSON values, written ~20x faster
     import orjson as _orjson
 except ImportError:  # pragma: no cover - depends on the environment
@@ -209,30 +206,12 @@ class RunFiles:
         return JsonlSink(self.path(relative), self.health)
 
     def read_json(self, relative: str) -> dict | None:
-        """A JSON file's content, or None when missing or unreadable (never raises)."""
-        try:
-            with open(self.path(relative), encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        """A JSON object file's content, or None when missing or unreadable (never raises)."""
+        return read_json(self.path(relative))
 
     def read_jsonl(self, relative: str) -> list[dict]:
-        """Every whole, parseable line of a JSONL file ([] when missing; never raises)."""
-        try:
-            with open(self.path(relative), "rb") as f:
-                lines = f.read().split(b"\n")
-        except OSError:
-            return []
-        out = []
-        for line in lines[:-1]:  # the text after the last newline is not a whole line
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
+        """The records of a JSONL file, read by :func:`monitor.layout.read_records`."""
+        return read_records(self.path(relative))
 
     def write_json(self, relative: str, obj: dict, *, pretty: bool = True,
                    durable: bool = True) -> None:
@@ -290,12 +269,11 @@ def _remove_stale_temp_files(root: Path, run_id: str) -> None:
     """Temp files of an atomic replace that a killed writer left behind (ours only)."""
     if not run_id:
         return
-    for folder in root.glob("*_logs"):
-        for tmp in folder.glob(f".{glob.escape(run_id)}*.json.*"):
-            try:
-                tmp.unlink()
-            except OSError:
-                pass  # harmless leftover: hidden, never read
+    for tmp in RunLayout(run_id).temp_files(root):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass  # harmless leftover: hidden, never read
 
 
 class RunLock:
@@ -346,9 +324,9 @@ class RunLock:
             os.close(fd)  # its holder released and removed it meanwhile: lock the new one
         previous = _read_holder(fd)
         if previous:
-            _warn(f"monitor: took over the lock of {str(root)!r} from {previous}, which "
-                  "ended without releasing it (killed or crashed); this run continues the "
-                  "same files")
+            warn_or_log(f"monitor: took over the lock of {str(root)!r} from {previous}, "
+                        "which ended without releasing it (killed or crashed); this run "
+                        "continues the same files", stacklevel=4)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
                 "time": time.time()}
         try:
@@ -402,13 +380,6 @@ def _read_holder(fd: int) -> str:
         return f"pid {info['pid']} on {info['host']}, run_id {info['run_id']!r}"
     except (ValueError, KeyError, TypeError):
         return raw[:200]
-
-
-def _warn(message: str) -> None:
-    try:
-        warnings.warn(message, RuntimeWarning, stacklevel=5)
-    except RuntimeWarning:
-        log.warning(message)
 
 
 class NullRunFiles:

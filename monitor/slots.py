@@ -139,13 +139,6 @@ class StatSlots:
                 batch = torch.stack([torch.as_tensor(v, dtype=stats.DTYPE) for v in vals])
             self._fold_scalars(device, idx, batch)
 
-    def update_samples(self, name: str, samples: torch.Tensor) -> None:
-        """Fold every element of ``samples`` into slot ``name`` (used by observers' hooks)."""
-        if samples.numel():
-            row = self._row(name)
-            stats.combine_into_(self._write_on(samples.device), row,
-                                stats.row_of_samples(samples))
-
     def update_rows(self, names: tuple[str, ...], rows: torch.Tensor) -> None:
         """Fold precomputed rows ``(len(names), 6)`` into the slots ``names`` (hook path).
 

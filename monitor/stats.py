@@ -13,6 +13,13 @@ Rows combine exactly with Chan et al.'s parallel update (:func:`combine`), so ac
 many small pieces, on several devices or several ranks, gives the moments of the
 concatenation without the cancellation of a raw sum of squares. Every function here works on
 the device of its input and never reads a value back to the host.
+
+*Reduced* rows (what the reducer returns) may carry :func:`rank_columns` more columns after
+the six: each rank's three *rank flags* for the row (its finite max is the global max, its
+finite min is the global min, it saw a non-finite value), packed as bits of float64 integers
+(:func:`rank_flags`) and summed over ranks. Every column holds the flags of
+:data:`RANKS_PER_COLUMN` ranks (3 bits each: 51 bits, below 2**53), so the sum is exact in
+any order and for any world size; :func:`lowest_ranks` and :func:`flagged_ranks` read it.
 """
 
 from __future__ import annotations
@@ -25,6 +32,13 @@ import torch
 COUNT, MEAN, M2, MIN, MAX, NONFINITE = range(6)
 NUM_COLS = 6
 DTYPE = torch.float64
+
+HOLDS_MAX, HOLDS_MIN, SAW_NONFINITE = 0, 1, 2
+"""The three rank flags of a row: bit ``3 * j + flag`` of a rank column is rank
+``RANKS_PER_COLUMN * column + j``'s flag."""
+RANKS_PER_COLUMN = 17
+_FLAGS = 3
+_BITS = _FLAGS * RANKS_PER_COLUMN  # 51 < 53: a sum of distinct flags is an exact float64
 
 
 def empty_rows(num_rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -92,7 +106,7 @@ def constant_rows(values: list[float], count: int) -> torch.Tensor:
 
 
 class Bins:
-    """Fixed histogram edges, ready for :func:`rows_of_bins` on any device.
+    """Fixed histogram edges, ready for :func:`rows_of_bins_many` on any device.
 
     Bin ``b`` of a value is the number of edges ``<= value`` (0: below the first edge,
     ``len(edges)``: at or above the last), exactly as ``torch.bucketize(right=True)``
@@ -147,21 +161,16 @@ class Bins:
         return torch.where(finite, idx, n + 1)
 
 
-def rows_of_bins(values: torch.Tensor, bins: Bins | Sequence[float]) -> torch.Tensor:
-    """Count-only rows of a histogram of ``values``: shape ``(len(edges) + 2, 6)``.
-
-    Row 0 counts values below ``edges[0]``, row ``i`` (1 <= i < len(edges)) those in
-    ``[edges[i-1], edges[i])``, row ``len(edges)`` those at or above ``edges[-1]`` and the
-    last row the non-finite values. Only COUNT is filled (each row is "COUNT samples, all
-    0"), so bins add up across calls and ranks through the ordinary row reduction.
-    """
-    return rows_of_bins_many(values.reshape(1, -1), bins)
-
-
 def rows_of_bins_many(values: torch.Tensor, bins: Bins | Sequence[float]) -> torch.Tensor:
     """One histogram per leading index of the 2-d ``values`` ``(k, n)``, over the same
     edges, in one batch of kernels: shape ``(k * (len(edges) + 2), 6)``, histogram ``i``
-    in rows ``i * (len(edges) + 2)`` onwards (see :func:`rows_of_bins`)."""
+    in rows ``i * (len(edges) + 2)`` onwards.
+
+    Per histogram, row 0 counts values below ``edges[0]``, row ``j`` (1 <= j < len(edges))
+    those in ``[edges[j-1], edges[j])``, row ``len(edges)`` those at or above ``edges[-1]``
+    and the last row the non-finite values. Only COUNT is filled (each row is "COUNT
+    samples, all 0"), so bins add up across calls and ranks through the ordinary row
+    reduction."""
     if not isinstance(bins, Bins):
         bins = Bins(bins)  # host edges given directly (tests, one-off use)
     x = values.detach().to(DTYPE)
@@ -237,6 +246,10 @@ def midrange_shift(global_min: torch.Tensor, global_max: torch.Tensor) -> torch.
     return torch.where(ok, mid, 0.0)
 
 
+NUM_SUMS = 4
+"""Columns of :func:`shifted_sums`."""
+
+
 def shifted_sums(rows: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``(k, 4)``: COUNT, sum(x - shift), sum((x - shift)^2), NONFINITE: summable across ranks."""
     count = rows[:, COUNT]
@@ -256,3 +269,87 @@ def rows_from_sums(
     var = (sums[:, 2] / safe_n - mean_d * mean_d).clamp(min=0.0)
     mean = torch.where(n > 0, shift + mean_d, 0.0)
     return torch.stack([n, mean, var * n, lo, hi, sums[:, 3]], dim=1)
+
+
+# -- rank flags (which rank held a row's min, max, non-finite values) ---------------------------
+
+def rank_columns(world_size: int) -> int:
+    """Rank-flag columns of a reduced row for ``world_size`` ranks (the same on every rank)."""
+    return -(-max(world_size, 1) // RANKS_PER_COLUMN)
+
+
+def rank_flags(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rank: int,
+               world_size: int) -> torch.Tensor:
+    """``(k, rank_columns(world_size))``: this rank's flags for its ``rows`` against the
+    global extremes ``lo``/``hi``, as float64 integers to be summed over ranks.
+
+    A rank holds the max of a row when its *finite* max equals ``hi`` (a rank that saw
+    nothing, or only non-finite values, has ``MAX = -inf`` and never does); equal values
+    on several ranks (``0.0 == -0.0`` included) flag them all, and readers take the lowest.
+    On the device of ``rows``, without a host sync.
+    """
+    mx, mn = rows[:, MAX], rows[:, MIN]
+    flags = ((torch.isfinite(mx) & (mx == hi)).to(DTYPE) * float(1 << HOLDS_MAX)
+             + (torch.isfinite(mn) & (mn == lo)).to(DTYPE) * float(1 << HOLDS_MIN)
+             + (rows[:, NONFINITE] > 0).to(DTYPE) * float(1 << SAW_NONFINITE))
+    out = torch.zeros(rows.shape[0], rank_columns(world_size), dtype=DTYPE, device=rows.device)
+    column, j = divmod(rank, RANKS_PER_COLUMN)
+    out[:, column] = flags * float(1 << (_FLAGS * j))
+    return out
+
+
+def _flag_mask(flag: int) -> int:
+    return sum(1 << (_FLAGS * j + flag) for j in range(RANKS_PER_COLUMN))
+
+
+def lowest_ranks(flags: torch.Tensor, flag: int) -> torch.Tensor:
+    """The lowest rank with ``flag`` set in each row of the summed rank columns ``flags``
+    ``(k, C)``: a long tensor ``(k,)``, -1 where no rank has it (vectorised, no loop)."""
+    bits = flags.to(torch.int64) & _flag_mask(flag)
+    # the lowest set bit is a power of two below 2**51, exact in float64: frexp gives its
+    # position + 1 (0 for no bit, which the floor division below turns into -1)
+    position = torch.frexp((bits & -bits).to(DTYPE)).exponent.to(torch.int64)
+    in_column = (position - 1 - flag).div_(_FLAGS, rounding_mode="floor")
+    if flags.shape[1] == 1:  # up to RANKS_PER_COLUMN ranks
+        return in_column[:, 0]
+    none = torch.iinfo(torch.int64).max
+    columns = torch.arange(flags.shape[1], dtype=torch.int64) * RANKS_PER_COLUMN
+    lowest = torch.where(in_column >= 0, in_column + columns, none).amin(dim=1)
+    return torch.where(lowest == none, -1, lowest)
+
+
+def flagged_ranks(flags: Sequence[float], flag: int) -> list[int]:
+    """Every rank (sorted) with ``flag`` set in one row's summed rank columns (host floats)."""
+    out = []
+    for column, value in enumerate(flags):
+        bits = int(value)
+        for j in range(RANKS_PER_COLUMN):
+            if bits >> (_FLAGS * j + flag) & 1:
+                out.append(column * RANKS_PER_COLUMN + j)
+    return out
+
+
+def combine_all(rows: torch.Tensor) -> torch.Tensor:
+    """One row ``(1, columns)`` of the union of the sample sets of every row of ``rows``
+    (host rows, e.g. every component's reduced row of one metric).
+
+    Rank columns, when present, are merged too: the ranks holding the combined max are
+    those that held it in a row whose max is the combined max (same for the min); the
+    ranks that saw non-finite values are those of every row.
+    """
+    total = empty_rows(1, rows.device)
+    for i in range(rows.shape[0]):
+        total = combine(total, rows[i : i + 1, :NUM_COLS])
+    if rows.shape[1] == NUM_COLS:
+        return total
+    bits = rows[:, NUM_COLS:].to(torch.int64)  # (n, C)
+    mx, mn = rows[:, MAX], rows[:, MIN]
+    wanted = {HOLDS_MAX: torch.isfinite(mx) & (mx == total[0, MAX]),
+              HOLDS_MIN: torch.isfinite(mn) & (mn == total[0, MIN]),
+              SAW_NONFINITE: torch.ones_like(mx, dtype=torch.bool)}
+    merged = torch.zeros(bits.shape[1], dtype=torch.int64, device=rows.device)
+    for flag, use in wanted.items():
+        masked = torch.where(use.unsqueeze(1), bits & _flag_mask(flag), 0)
+        for row in masked:  # bitwise OR over the rows (a handful of components)
+            merged |= row
+    return torch.cat([total, merged.to(DTYPE).unsqueeze(0)], dim=1)

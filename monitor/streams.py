@@ -69,7 +69,8 @@ class Stream:
     def take_rows(self, device: torch.device) -> tuple[list[str], torch.Tensor]:
         raise NotImplementedError
 
-    def emit(self, label: int, names: list[str], rows: torch.Tensor) -> None:
+    def emit(self, step: int, names: list[str], rows: torch.Tensor) -> None:
+        """Write the record labelled ``step`` from the reduced ``rows`` of ``names``."""
         raise NotImplementedError
 
     def split(self) -> None:
@@ -182,27 +183,27 @@ class FlushScheduler:
         self._flush([s for s in self.streams if s.pending == step], self.current)
 
     def flush(self, streams: Iterable[Stream], mode: str = "train",
-              label: int | None = None) -> None:
+              step: int | None = None) -> None:
         """Reduce everything ``streams`` hold (both buffers) together in one call; each
         writes its record(s). For finalize and for records labelled at their call (eval).
 
-        A stream's record is labelled ``label`` if given, else with the step that made it
+        A stream's record is labelled ``step`` if given, else with the step that made it
         due, else the current step (finalize).
         """
         streams = list(streams)
         for s in streams:
             s.fold()
-        self._reduce_streams(streams, mode, label)
+        self._reduce_streams(streams, mode, step)
 
     def _flush(self, streams: list[Stream], at: int | None) -> None:
         """A scheduled flush of the main buffers of ``streams`` (at the calls of step ``at``)."""
         if self._reduce_streams(streams, "train", None):
             self.flushed_at = at
 
-    def _reduce_streams(self, streams: list[Stream], mode: str, label: int | None) -> bool:
+    def _reduce_streams(self, streams: list[Stream], mode: str, step: int | None) -> bool:
         """Reduce ``streams`` in one call; False when none of them had anything."""
         fallback = self.current if self.current is not None else 0
-        labels = {s.group: label if label is not None else
+        labels = {s.group: step if step is not None else
                   s.pending if s.pending is not None else fallback for s in streams}
         for s in streams:
             s.pending = None

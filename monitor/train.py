@@ -23,51 +23,60 @@ Keys emitted in ``monitor_logs/{run_id}.jsonl`` (``metrics`` object):
 =====================  ===========================================================
 key                    value
 =====================  ===========================================================
-each ``log`` keyword   ``{"mean", "std", "min", "max", "count", "nonfinite"}``
+each ``log`` keyword   ``{"mean", "std", "min", "max", "count", "nonfinite", "min_rank",
+                       "max_rank"}`` (+ ``"nonfinite_ranks"`` when ``nonfinite > 0``)
 each ``extra`` key     same object
 =====================  ===========================================================
 
 The first time a metric of a mode has non-finite values in a record, an alert line
 ``{"step", "time", "world_size", "alert": {"type": "nonfinite", "mode", "metric",
-"nonfinite", "count"}}`` follows that record (once per metric and mode; training goes on).
+"nonfinite", "count", "nonfinite_ranks"}}`` follows that record (once per metric and mode;
+training goes on).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import math
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
-from monitor.integrations import add_integrations, require
-from monitor.records import (
-    SummaryTracker,
-    alert_record,
-    metrics_of,
-    nonfinite_alerts,
-    record,
-)
+from monitor.integrations import add_integrations, check_extras
+from monitor.layout import TRAIN
+from monitor.part import FinishesOnExit, PartWriter, check_final_status
+from monitor.records import metrics_of, record
 from monitor.schedule import check_step
 from monitor.session import MonitorSession
 from monitor.slots import StatSlots, as_samples
 from monitor.streams import Stream
 
-log = logging.getLogger("monitor")
-
 MODES = ("train", "eval", "val", "test")
-SUMMARY_EVERY_S = 30.0
-"""The running summary is rewritten after a record at most this often (and at finalize)."""
+
+AddValues = Callable[[str, dict], None]
+"""Where a handle's values go: ``add(mode, {name: samples})``."""
+
+
+def _discard(mode: str, values: dict) -> None:
+    pass
 
 
 class StepHandle:
-    """What ``Monitor.step`` yields: ``log()`` adds values to the current step."""
+    """What ``Monitor.step`` yields: ``log()`` adds values to the current step.
 
-    def __init__(self, monitor: Monitor, step: int, mode: str) -> None:
-        self._monitor, self.step, self.mode = monitor, step, mode
+    Args:
+        add: receives ``(mode, {name: samples})`` for each ``log()`` call.
+        step, mode: the context's step and mode.
+    """
+
+    def __init__(self, add: AddValues, step: int, mode: str) -> None:
+        self._add, self.step, self.mode = add, step, mode
         self._open = True
+
+    @classmethod
+    def discarding(cls, step: int, mode: str) -> StepHandle:
+        """A handle whose ``log()`` checks its arguments and keeps nothing."""
+        return cls(_discard, step, mode)
 
     def log(self, extra: Mapping[str, object] | None = None, **metrics: object) -> None:
         """Log metrics: each keyword and each key of ``extra`` is one metric.
@@ -96,7 +105,7 @@ class StepHandle:
             sample = as_samples(name, value)
             if sample is not None:
                 values[name] = sample
-        self._monitor._add(self.mode, values)
+        self._add(self.mode, values)
 
 
 class _ModeStream(Stream):
@@ -118,12 +127,12 @@ class _ModeStream(Stream):
         self.dirty = False
         return order, rows
 
-    def emit(self, label: int, names: list[str], rows) -> None:
+    def emit(self, step: int, names: list[str], rows) -> None:
         self.slots.declare(names)  # adopt the union so the next flush takes the fast path
-        self.monitor._write_record(label, self.mode, metrics_of(names, rows))
+        self.monitor._write_record(step, self.mode, metrics_of(names, rows))
 
 
-class Monitor:
+class Monitor(FinishesOnExit):
     """Training metrics of one run, reduced over every participating rank.
 
     Args:
@@ -175,10 +184,7 @@ class Monitor:
         if session is None:
             if run_dir is None or run_id is None:
                 raise TypeError("Monitor needs run_dir and run_id (or a session)")
-            if tensorboard:  # a missing extra fails before any file is written
-                require("tensorboard", "tensorboard", "tensorboard=True")
-            if wandb:
-                require("wandb", "wandb", "wandb=True")
+            check_extras(tensorboard=tensorboard, wandb=wandb)  # before any file is written
             meta_config = {**(dict(config) if config else {}), "log_interval": log_interval}
             session = MonitorSession(
                 run_dir, run_id, config_name=config_name, config=meta_config,
@@ -191,23 +197,27 @@ class Monitor:
         self._scheduler = session.scheduler
         self._scheduler.add(train)
         self._streams: dict[str, _ModeStream] = {"train": train}
-        self._sink = session.files.jsonl(f"monitor_logs/{self.run_id}.jsonl")
-        self.jsonl_path = session.files.path(f"monitor_logs/{self.run_id}.jsonl")
-        self.summary_path = session.files.path(f"monitor_logs/{self.run_id}_summary.json")
+        layout = session.layout
+        self.writer = PartWriter(session, TRAIN, {"records": layout.stream(TRAIN)},
+                         alert_file="records", scope_key="mode",
+                         summary_path=layout.summary(TRAIN),
+                         scope_of=lambda key, rec: rec.get("mode", "train"))
+        self.jsonl_path = self.writer.paths["records"]
+        self.summary_path = self.writer.summary_path
         self._last: int | None = None
-        self._summary = SummaryTracker()
-        self._summary_written_at = -math.inf
         self._finalized = False
-        self.alerts: list[dict] = []
-        self._nonfinite_seen: set[tuple[str, str]] = set()
-        session.register_stream_file(f"monitor_logs/{self.run_id}.jsonl", self._on_resume)
-        session.on_exit(self._finish)
+        session.on_exit(self.finish)
         # Gradient accumulation shows as several train contexts at one step number. Until
         # a step with exactly one has ended (None: not known yet), and once a step had
         # several (True), a due record waits for the first call with a later step, so
         # that every micro-batch of the due step is in it, the first record included.
         self._train_contexts_here = 0
         self._accumulating: bool | None = None
+
+    @property
+    def alerts(self) -> list[dict]:
+        """The alert records written so far (and a resumed run's earlier ones)."""
+        return self.writer.alerts
 
     # -- public API ---------------------------------------------------------------------
 
@@ -219,7 +229,7 @@ class Monitor:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if self._finalized:
             warnings.warn("Monitor.step() after finalize(): ignored", RuntimeWarning, stacklevel=3)
-            yield StepHandle(_Discard(), step, mode)
+            yield StepHandle.discarding(step, mode)
             return
         self._advance(step)
         if mode == "train":
@@ -230,14 +240,14 @@ class Monitor:
         if stream is None:
             stream = self._streams[mode] = _ModeStream(self, mode, None)
         stream.dirty = True
-        handle = StepHandle(self, step, mode)
+        handle = StepHandle(self._add, step, mode)
         try:
             yield handle
         finally:
             handle._open = False
         # Only on a clean exit: a rank that raised must not start a collective alone.
         if mode != "train":
-            self._scheduler.flush([stream], mode=mode, label=step)
+            self._scheduler.flush([stream], mode=mode, step=step)
         elif self._scheduler.is_due(stream, step) and self._accumulating is False:
             self._scheduler.flush_due(step)
 
@@ -258,24 +268,17 @@ class Monitor:
         Returns:
             The path of ``monitor_logs/{run_id}_summary.json``.
         """
-        if status not in ("completed", "failed"):
-            raise ValueError(f"status must be 'completed' or 'failed', got {status!r}")
-        return self._finish(status, None)
+        return self.finish(check_final_status(status))
 
-    def __enter__(self) -> Monitor:
-        return self
+    def finish(self, status: str, error: str | None = None) -> str:
+        """End this part with any status (what ``finalize``, the context manager, the
+        CogVLA facade and the exit handler call). Idempotent.
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self._finish("completed", None)
-        else:
-            self._finish("failed", exc_type.__name__)
-
-    # -- internals ----------------------------------------------------------------------
-
-    def _finish(self, status: str, error: str | None) -> str:
-        """End the run: ``"completed"`` flushes what is pending (a collective); any other
-        status (``"failed"``, ``"incomplete"`` from the exit handler) only writes files."""
+        ``"completed"`` writes what is pending (a collective: every rank calls it); any
+        other status (``"failed"``, ``"incomplete"``, ...) only writes files. ``error``
+        (an exception's type name) goes into the summary and meta. Returns the summary
+        path.
+        """
         if self._finalized:
             return str(self.summary_path)
         self._finalized = True
@@ -290,13 +293,14 @@ class Monitor:
             raise
         finally:
             self._scheduler.remove(self._streams["train"])
-            self._write_summary(status, error)
+            self.writer.finish(status, error)
             if self._owns_session:
-                self.session.close_listeners()
                 self.session.finish(status, error)
             else:
-                self.session.update_meta(end_time=time.time(), status=status, error=error)
+                self.session.meta.update(end_time=time.time(), status=status, error=error)
         return str(self.summary_path)
+
+    # -- internals ----------------------------------------------------------------------
 
     def _advance(self, step: int) -> None:
         if self._last is not None and step > self._last:
@@ -304,7 +308,7 @@ class Monitor:
                 self._accumulating = False
             self._train_contexts_here = 0
         self._last = step if self._last is None else max(self._last, step)
-        self._scheduler.advance(step)
+        self.session.log_step(step)
 
     def _add(self, mode: str, values: dict) -> None:
         slots = self._streams[mode].slots
@@ -312,44 +316,6 @@ class Monitor:
         slots.update(values)
 
     def _write_record(self, step: int, mode: str, metrics: dict) -> None:
-        if not metrics:
-            return
-        rec = record(step, mode, self.session.world_size, metrics)
-        self._sink.write(rec)
-        self.session.publish("train", mode, rec)
-        self._summary.add(step, mode, metrics)
-        for alert in nonfinite_alerts(metrics, self._nonfinite_seen, "mode", mode):
-            self._alert(step, alert)
-        if time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_S:
-            self._write_summary("running", None)
-
-    def _alert(self, step: int, alert: dict) -> None:
-        rec = alert_record(step, self.session.world_size, alert)
-        self.alerts.append(rec)
-        self._sink.write(rec)
-        self.session.publish("train", "alert", rec)
-        if self.session.world.is_writer:
-            log.warning("monitor alert at step %d: %s", step, alert)
-
-    def _on_resume(self, kept: list[dict]) -> None:
-        """Seed the summary with the earlier segments' live records (resumed run)."""
-        for rec in kept:
-            if isinstance(rec.get("metrics"), dict):
-                self._summary.add(rec["step"], rec.get("mode", "train"), rec["metrics"])
-            elif isinstance(rec.get("alert"), dict):
-                self.alerts.append(rec)
-
-    def _write_summary(self, status: str, error: str | None) -> None:
-        self._summary_written_at = time.monotonic()
-        if status != "running":
-            self.session.start_segment()  # a resumed run that never flushed still seeds
-        summary = self._summary.to_dict(self.run_id, self.session.start_time, status, error)
-        summary.update(alerts=self.alerts, degraded=self.session.degraded)
-        # Rewritten often while running: compact, and fsynced only once the run has ended.
-        self.session.files.write_json(f"monitor_logs/{self.run_id}_summary.json", summary,
-                                      pretty=False, durable=status != "running")
-
-
-class _Discard:
-    def _add(self, mode: str, values: dict) -> None:
-        pass
+        if metrics:
+            self.writer.write("records", mode, record(step, mode, self.session.world_size,
+                                                   metrics))

@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench.py --quick         # a smoke run: the smallest stand-in
                                                       # and counts (about 20-30 s on 2 cores)
     .venv/bin/python scripts/bench.py --sections flush overhead
+    .venv/bin/python scripts/bench.py --sections forensics   # rank fields vs the flush of before
 
 Sections (each writes its part of ``bench-results.json``; ``--out`` to change the path):
 
@@ -20,6 +21,13 @@ overhead  The CogVLA stand-in at the real hook shapes that it can reach on a CPU
           monitor's hooks and batched statistics per step. Then the same hook code fed the
           real model's widths (router input 4096, FiLM widths 1024/1152), where the stand-in
           cannot run them: hook milliseconds per step at real widths.
+forensics The rank fields (``min_rank``, ``max_rank``, ``nonfinite_ranks``) against the flush
+          of before, in the same gloo world and on the same values (default K = 1,000 on
+          2 ranks): two monitors, one with ``Reducer.forensics`` off (the flush of before:
+          no rank columns, no rank fields), flushed alternately; median ms per flush (the
+          whole flush in wall and in CPU time, and its reduction), collectives per flush,
+          and bytes per JSONL record line of each (a clean record, and one where one
+          metric saw a NaN on rank 1).
 syncs     Calls that hand a tensor to the host (``.item()``, ``.cpu()``, ``.tolist()``,
           ``.numpy()``, ``__float__``, ``__bool__``, ``__int__``, ``__index__``) made by monitor
           code during training steps between flushes (must be 0), and at a flush.
@@ -36,6 +44,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -201,6 +210,120 @@ def print_flush(rows: list[dict]) -> None:
               f"{r['per_key_ms']:>10.2f} ({r['per_key_collectives']:>5.0f}) "
               f"{r['per_key_over_monitor']:>6.1f}x {r['per_key_over_monitor_reduce']:>7.1f}x "
               f"{tm}")
+
+
+# -- rank fields against the flush of before ------------------------------------------------
+
+def _forensics_rank(rank: int, world: int, store_path: str, run_dir: str, ks: list[int],
+                    flushes: int, out) -> None:
+    torch.set_num_threads(1)
+    logging.getLogger("monitor").setLevel(logging.ERROR)  # no console or alert lines
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
+                            world_size=world, timeout=timedelta(seconds=300))
+    from monitor import Monitor
+    from monitor.testing.probes import count_collectives
+
+    counter = count_collectives()
+    reducing = _time_reductions()
+    rows = []
+    for k in ks:
+        values = {f"m{i:05d}": torch.tensor(float(rank + i)) for i in range(k)}
+        bad = dict(values, m00000=torch.tensor(math.nan if rank == 1 else 0.0))
+        mons = {}
+        for name, on in (("before", False), ("forensics", True)):
+            mons[name] = Monitor(run_dir=run_dir, run_id=f"{name}-k{k}-w{world}",
+                                 log_interval=1, participation="all", console=False)
+            mons[name].session.reducer().forensics = on
+        times = {n: [] for n in mons}
+        cpu_times = {n: [] for n in mons}
+        reduce_times = {n: [] for n in mons}
+        calls = {n: 0 for n in mons}
+        warmup = 3  # the first flush decides participation and fixes the capacity
+        for step in range(warmup + flushes + 1):
+            order = list(mons) if step % 2 else list(mons)[::-1]  # alternate who goes first
+            for name in order:
+                before = counter["n"]
+                with mons[name].step(step) as h:
+                    # the last flush has a NaN on rank 1 (its record carries nonfinite_ranks)
+                    h.log(extra=bad if step == warmup + flushes else values)
+                reducing["s"] = 0.0
+                t0, c0 = time.perf_counter(), time.process_time()
+                mons[name].log_step(step + 1)  # the next step's first call writes the record
+                if warmup <= step < warmup + flushes:
+                    times[name].append(time.perf_counter() - t0)
+                    cpu_times[name].append(time.process_time() - c0)
+                    reduce_times[name].append(reducing["s"])
+                    calls[name] += counter["n"] - before
+        for mon in mons.values():
+            mon.finalize()
+        dist.barrier()
+        row = {"K": k, "ranks": world, "flushes": flushes}
+        for name, mon in mons.items():
+            row[f"{name}_ms"] = statistics.median(times[name]) * 1e3
+            row[f"{name}_cpu_ms"] = statistics.median(cpu_times[name]) * 1e3
+            row[f"{name}_reduce_ms"] = statistics.median(reduce_times[name]) * 1e3
+            row[f"{name}_collectives"] = calls[name] / flushes
+            if rank == 0:
+                lines = [line for line in Path(mon.jsonl_path).read_bytes().split(b"\n")
+                         if b'"metrics"' in line]
+                row[f"{name}_bytes_per_line"] = statistics.median(len(x) + 1 for x in lines[:-1])
+                row[f"{name}_bytes_nan_line"] = len(lines[-1]) + 1
+        rows.append(row)
+    counter["restore"]()
+    if rank == 0:
+        out.put(rows)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def bench_forensics(ranks: list[int], ks: list[int], quick: bool) -> list[dict]:
+    flushes = 3 if quick else 61
+    results = []
+    ctx = mp.get_context("spawn")
+    for world in ranks:
+        out = ctx.Queue()
+        with tempfile.TemporaryDirectory() as tmp:
+            procs = [ctx.Process(target=_forensics_rank,
+                                 args=(r, world, os.path.join(tmp, "store"),
+                                       os.path.join(tmp, "run"), ks, flushes, out))
+                     for r in range(world)]
+            for proc in procs:
+                proc.start()
+            try:
+                rows = out.get(timeout=1800)
+            finally:
+                for proc in procs:
+                    proc.join(60)
+                    if proc.is_alive():
+                        proc.kill()
+        for row in rows:
+            row["flush_ratio"] = row["forensics_ms"] / row["before_ms"]
+            row["cpu_ratio"] = row["forensics_cpu_ms"] / row["before_cpu_ms"]
+            row["reduce_ratio"] = row["forensics_reduce_ms"] / row["before_reduce_ms"]
+            row["bytes_ratio"] = row["forensics_bytes_per_line"] / row["before_bytes_per_line"]
+        results.extend(rows)
+        print_forensics(rows)
+    return results
+
+
+def print_forensics(rows: list[dict]) -> None:
+    print(f"\nforensics: {rows[0]['ranks']} gloo ranks, median ms per flush over "
+          f"{rows[0]['flushes']} alternated flushes (collectives per flush), bytes per "
+          "record line")
+    print("  wall = the whole flush (collectives waited for included), cpu = this process's "
+          "CPU time in it, reduce = Reducer.reduce (wall)")
+    print(f"{'K':>6} {'before':>13} {'forensics':>13} {'ratio':>6} {'cpu':>15} {'ratio':>6} "
+          f"{'reduce':>15} {'ratio':>6} {'bytes/line':>21} {'ratio':>6} {'with a NaN':>10}")
+    for r in rows:
+        print(f"{r['K']:>6} {r['before_ms']:>8.2f} ({r['before_collectives']:.0f}) "
+              f"{r['forensics_ms']:>8.2f} ({r['forensics_collectives']:.0f}) "
+              f"{r['flush_ratio']:>5.2f}x "
+              f"{r['before_cpu_ms']:>6.2f} / {r['forensics_cpu_ms']:>6.2f} "
+              f"{r['cpu_ratio']:>5.2f}x "
+              f"{r['before_reduce_ms']:>6.2f} / {r['forensics_reduce_ms']:>6.2f} "
+              f"{r['reduce_ratio']:>5.2f}x "
+              f"{r['before_bytes_per_line']:>10.0f} / {r['forensics_bytes_per_line']:>8.0f} "
+              f"{r['bytes_ratio']:>5.2f}x {r['forensics_bytes_nan_line']:>10.0f}")
 
 
 # -- training overhead -----------------------------------------------------------------------
@@ -555,10 +678,13 @@ def machine() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", nargs="+", default=["flush", "overhead", "syncs", "memory"],
-                   choices=["flush", "overhead", "syncs", "memory"])
+    p.add_argument("--sections", nargs="+",
+                   default=["flush", "forensics", "overhead", "syncs", "memory"],
+                   choices=["flush", "forensics", "overhead", "syncs", "memory"])
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 3])
     p.add_argument("--metrics", type=int, nargs="+", default=[10, 100, 1000, 10_000])
+    p.add_argument("--forensics-ranks", type=int, nargs="+", default=[2])
+    p.add_argument("--forensics-metrics", type=int, nargs="+", default=[1000])
     p.add_argument("--steps", type=int, default=12, help="overhead: steps each, alternated")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
@@ -570,12 +696,15 @@ def main() -> None:
         global QUICK
         QUICK = True
         args.metrics = [k for k in args.metrics if k <= 10] or [10]
+        args.forensics_metrics = [k for k in args.forensics_metrics if k <= 100] or [100]
         args.steps, args.batch_size, args.memory_steps = 1, 1, [120, 140]
         args.threads = 1  # a loaded machine: no thread fights the others
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                "machine": machine(), "time": time.time()}
     sections = {
         "flush": lambda: bench_flush(args.ranks, args.metrics, args.quick),
+        "forensics": lambda: bench_forensics(args.forensics_ranks, args.forensics_metrics,
+                                             args.quick),
         "overhead": lambda: bench_overhead(args.steps, args.batch_size, args.threads),
         "syncs": lambda: bench_syncs(3 if args.quick else 5, args.batch_size),
         # growth does not scale with tensor sizes, only with calls and flushes: batch 2

@@ -39,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--event-interval", type=int, default=5, help="pruning_event_log_interval")
     p.add_argument("--detailed-interval", type=int, default=15, help="detailed_log_interval")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--inject-nan", metavar="RANK:STEP", default=None,
+                   help="log a NaN loss on RANK at STEP (training itself is untouched): "
+                        "see README 'Which rank?'")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
                    default=importlib.util.find_spec("tensorboard") is not None,
                    help="enable_tensorboard (default: on when tensorboard is installed)")
@@ -55,7 +58,7 @@ def main() -> None:
         dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
-    logging.basicConfig(level=logging.INFO, format="[rank %d] %%(message)s" % rank)
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
     torch.manual_seed(0)
     cfg = TinyCogVLAConfig()
     vla = build_tiny_cogvla(cfg, seed=0)
@@ -82,6 +85,7 @@ def main() -> None:
         print(f"[rank 0] hooks per part: {counts}", flush=True)
         for w in caught:
             print(f"[rank 0] attach warning: {w.message}", flush=True)
+    nan_at = tuple(int(v) for v in args.inject_nan.split(":")) if args.inject_nan else None
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own data
     for batch_idx in range(args.steps * args.grad_accumulation):
         step = batch_idx // args.grad_accumulation
@@ -92,8 +96,11 @@ def main() -> None:
         grad_norm = None
         if last_micro_batch:
             grad_norm = torch.nn.utils.clip_grad_norm_(vla.parameters(), 1.0)
+        loss = out.loss.detach()
+        if nan_at == (rank, step):
+            loss = loss * float("nan")
         with monitor.step(step, mode="train") as h:
-            h.log(loss=out.loss.detach(), lr=sched.get_last_lr()[0],
+            h.log(loss=loss, lr=sched.get_last_lr()[0],
                   extra={"grad_norm": grad_norm})
         if last_micro_batch:
             opt.step()

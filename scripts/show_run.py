@@ -5,19 +5,17 @@ Usage: python scripts/show_run.py RUN_DIR RUN_ID
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-# part -> (folder, metrics shown from the last compact record)
-PARTS = {
-    "lfp": ("lfp_logs", ("overall/keep_ratio", "overall/p_keep", "overall/margin",
-                         "overall/forced_p_keep")),
-    "film": ("film_logs", ("overall/gamma_norm", "overall/beta_norm",
-                           "overall/modulation_strength")),
-    "moe": ("moe_logs", ("dino_weight", "siglip_weight", "entropy")),
-    "aggr": ("aggr_logs", ("overall/compression_ratio", "overall/tokens_in",
-                           "overall/tokens_out")),
+from monitor import read_run
+from monitor.layout import RunLayout
+from monitor.readback import PartLog, RunLog
+
+SHOWN = {  # part -> metrics shown from the last compact record
+    "lfp": ("overall/keep_ratio", "overall/p_keep", "overall/margin", "overall/forced_p_keep"),
+    "film": ("overall/gamma_norm", "overall/beta_norm", "overall/modulation_strength"),
+    "moe": ("dino_weight", "siglip_weight", "entropy"),
+    "aggr": ("overall/compression_ratio", "overall/tokens_in", "overall/tokens_out"),
 }
 
 
@@ -27,18 +25,13 @@ def fmt(v: dict) -> str:
     return f"{v['mean']:.4g} ± {v['std']:.2g} [{v['min']:.3g}, {v['max']:.3g}] n={v['count']}"
 
 
-def lines_of(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def show_train(run: Path, run_id: str) -> None:
-    logs = run / "monitor_logs"
-    meta = json.loads((logs / f"{run_id}_meta.json").read_text())
-    part = meta["participation"]
-    print(f"world_size={meta['world_size']} backend={meta['backend']} "
-          f"participation={part['decision']} ({part['statistics']} statistics)")
-    records = [r for r in lines_of(logs / f"{run_id}.jsonl") if "metrics" in r]  # no alerts
-    print(f"train: {len(records)} records in monitor_logs/{run_id}.jsonl")
+def show_train(run: RunLog, layout: RunLayout) -> None:
+    meta = run.meta or {}
+    part = meta.get("participation", {})
+    print(f"world_size={meta.get('world_size')} backend={meta.get('backend')} "
+          f"participation={part.get('decision')} ({part.get('statistics')} statistics)")
+    records = run["train"].records if "train" in run else []
+    print(f"train: {len(records)} records in {layout.stream('train')}")
     for rec in records[:1] + records[-1:]:
         shown = "  ".join(f"{k}: {fmt(v)}" for k, v in rec["metrics"].items())
         print(f"  step {rec['step']:>4}  {shown}")
@@ -52,31 +45,29 @@ def show_train(run: Path, run_id: str) -> None:
               f"hook_errors={info.get('hook_errors')}{extra}")
 
 
-def show_part(run: Path, run_id: str, part: str) -> None:
-    folder, keys = PARTS[part]
-    events = lines_of(run / folder / f"{run_id}.jsonl")
-    detailed = lines_of(run / folder / f"{run_id}_detailed.jsonl")
-    records = [r for r in events if "metrics" in r]
-    alerts = [r for r in events if "alert" in r]
-    if not events and not detailed:
+def show_part(log: PartLog, layout: RunLayout) -> None:
+    if not log.records and not log.detailed:
         return
-    print(f"{part}: {len(records)} compact records, {len(detailed)} detailed, "
-          f"{len(alerts)} alerts ({folder}/)")
-    if records:
-        last = records[-1]
-        for key in keys:
+    print(f"{log.name}: {len(log.records)} compact records, {len(log.detailed)} detailed, "
+          f"{len(log.alerts)} alerts ({layout.stream(log.name).split('/')[0]}/)")
+    if log.records:
+        last = log.records[-1]
+        for key in SHOWN.get(log.name, ()):
             if key in last["metrics"]:
                 print(f"  step {last['step']:>4}  {key}: {fmt(last['metrics'][key])}")
-    if detailed and detailed[-1].get("histograms"):
-        print(f"  histograms at step {detailed[-1]['step']}: "
-              f"{len(detailed[-1]['histograms'])} (e.g. {next(iter(detailed[-1]['histograms']))})")
+    hists = log.detailed[-1].get("histograms") if log.detailed else None
+    if hists:
+        print(f"  histograms at step {log.detailed[-1]['step']}: {len(hists)} "
+              f"(e.g. {next(iter(hists))})")
 
 
 def main(run_dir: str, run_id: str) -> None:
-    run = Path(run_dir)
-    show_train(run, run_id)
-    for part in PARTS:
-        show_part(run, run_id, part)
+    run = read_run(run_dir, run_id)
+    layout = RunLayout(run.run_id)
+    show_train(run, layout)
+    for part in run.parts:
+        if part != "train":
+            show_part(run[part], layout)
 
 
 if __name__ == "__main__":

@@ -54,9 +54,9 @@ def main(run_dir: str, mode: str, run_id: str = "run") -> None:
             with m.step(step) as h:
                 h.log(loss=out.loss, lr=1e-3)
                 if mode.endswith("_inside") and step == CRASH_STEP:
-                    1 / 0
+                    raise ZeroDivisionError("division by zero (an injected crash)")
             if mode.endswith("_outside") and step == CRASH_STEP:
-                1 / 0
+                raise ZeroDivisionError("division by zero (an injected crash)")
             if mode == "forever" and step == 2:
                 print("ready", flush=True)
             step += 1

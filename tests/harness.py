@@ -48,7 +48,7 @@ def _child(fn, rank, world_size, store_path, init, env, kwargs, results,
                 timeout=timedelta(seconds=group_timeout),
             )
         value = fn(rank, world_size, **kwargs)
-    except BaseException:  # report everything, including KeyboardInterrupt/SystemExit
+    except BaseException:  # noqa: BLE001 - report everything, KeyboardInterrupt/SystemExit too
         _report(results, (rank, "error", traceback.format_exc()))
         return
     _report(results, (rank, "ok", value))

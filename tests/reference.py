@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+
+from monitor import stats
+from monitor.records import metrics_of
+
+EMPTY = {"mean": None, "std": None, "min": None, "max": None, "count": 0, "nonfinite": 0}
+
+
+def value_stats(row) -> dict:
+    """The value object the monitor writes for one reduced row (6 host floats)."""
+    rows = torch.tensor([list(row)], dtype=stats.DTYPE)
+    return metrics_of(["x"], rows).get("x", EMPTY)
 
 
 def reference_stats(values) -> dict:

@@ -80,7 +80,8 @@ def test_facade_writes_every_stream_and_finalize_returns_each_part(tmp_path, cfg
         assert summary["status"] == "completed" and summary["part"] == part
         for rec in events:
             for value in rec["metrics"].values():
-                assert set(value) == {"mean", "std", "min", "max", "count", "nonfinite"}
+                assert set(value) == {"mean", "std", "min", "max", "count", "nonfinite",
+                                      "min_rank", "max_rank"}
     meta = json.loads((run / "monitor_logs" / "r_meta.json").read_text())
     assert meta["parts"]["film"]["skipped"] == ["dino/layer_26"]
     assert {e["class"] for e in meta["parts"]["film"]["encoders"].values()} == {

@@ -35,7 +35,8 @@ def test_record_holds_every_value_since_the_previous_record_up_to_its_step(run_d
     assert_matches(recs[1]["metrics"]["v"],
                    reference_stats([[s, -s] for s in range(11, 21)]))
     assert recs[2]["metrics"]["lr"] == {"mean": 0.1, "std": 0.0, "min": 0.1, "max": 0.1,
-                                        "count": 5, "nonfinite": 0}
+                                        "count": 5, "nonfinite": 0, "min_rank": 0,
+                                        "max_rank": 0}
 
 
 def test_the_due_record_is_on_disk_when_its_step_context_exits(run_dir):
@@ -83,7 +84,7 @@ def test_a_first_due_step_waits_for_its_later_micro_batches(run_dir):
     first call of step 1, so both micro-batches of step 0 are in it."""
     mon = Monitor(run_dir=run_dir, run_id="exp", log_interval=5)
     for step in range(0, 6):
-        for micro in range(2):
+        for _ in range(2):
             with mon.step(step) as h:
                 h.log(loss=1.0)
             if step == 0:
@@ -140,9 +141,10 @@ def test_nonfinite_values_are_counted_and_kept_out_of_the_moments(run_dir):
     mon.finalize()
     m = read_jsonl(paths(run_dir)[0])[0]["metrics"]
     assert m["loss"] == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "count": 2,
-                         "nonfinite": 2}
+                         "nonfinite": 2, "min_rank": 0, "max_rank": 0, "nonfinite_ranks": [0]}
     assert m["gn"] == {"mean": None, "std": None, "min": None, "max": None, "count": 0,
-                       "nonfinite": 1}
+                       "nonfinite": 1, "min_rank": None, "max_rank": None,
+                       "nonfinite_ranks": [0]}
 
 
 def test_finalize_is_idempotent_and_returns_the_summary_path(run_dir):
@@ -214,7 +216,7 @@ def test_context_manager_form_marks_a_crash_as_failed(run_dir):
         with Monitor(run_dir=run_dir, run_id="exp", log_interval=1) as mon:
             with mon.step(0) as h:
                 h.log(loss=1.0)
-            1 / 0
+            raise ZeroDivisionError("division by zero (an injected crash)")
     summary = json.loads(paths(run_dir)[1].read_text())
     assert (summary["status"], summary["error"]) == ("failed", "ZeroDivisionError")
     assert json.loads(paths(run_dir)[2].read_text())["status"] == "failed"

@@ -31,7 +31,7 @@ PRUNING_METRICS = ("tokens_before", "tokens_after", "keep_ratio", "margin", "p_k
 FILM_METRICS = ("gamma", "beta", "gamma_norm", "beta_norm", "modulation_strength")
 FILM_OVERALL = ("gamma_norm", "beta_norm", "modulation_strength")
 AGGR_METRICS = ("tokens_in", "tokens_out", "compression_ratio")
-VALUE_KEYS = {"mean", "std", "min", "max", "count", "nonfinite"}
+VALUE_KEYS = {"mean", "std", "min", "max", "count", "nonfinite", "min_rank", "max_rank"}
 
 # steps 0..5: compact records every 2 steps, detailed every 4, the rest at finalize
 STEPS = range(6)
@@ -47,8 +47,13 @@ def plain_records(path):
     return [r for r in read_jsonl(path) if "alert" not in r]
 
 
+def value_keys(value):
+    return VALUE_KEYS | ({"nonfinite_ranks"} if value["nonfinite"] else set())
+
+
 def empty():
-    return {"mean": None, "std": None, "min": None, "max": None, "count": 0, "nonfinite": 0}
+    return {"mean": None, "std": None, "min": None, "max": None, "count": 0, "nonfinite": 0,
+            "min_rank": None, "max_rank": None}
 
 
 def bf16_round(x: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -61,7 +66,7 @@ def check_record(metrics: dict, expected: dict[str, list]) -> None:
     """``metrics`` holds exactly the keys of ``expected``, each matching numpy."""
     assert set(metrics) == set(expected)
     for key, arrays in expected.items():
-        assert set(metrics[key]) == VALUE_KEYS, key
+        assert set(metrics[key]) == value_keys(metrics[key]), key
         assert_matches(metrics[key], reference_stats(arrays))
 
 
@@ -911,7 +916,7 @@ def test_every_record_carries_step_time_world_size_and_full_value_objects(tmp_pa
             assert set(rec) <= {"step", "time", "world_size", "metrics", "histograms"}
             assert rec["world_size"] == 1 and isinstance(rec["time"], float)
             for name, value in rec["metrics"].items():
-                assert set(value) == VALUE_KEYS, name
+                assert set(value) == value_keys(value), name
                 assert value["count"] > 0 and value["min"] <= value["mean"] <= value["max"]
                 assert value["std"] >= 0
 

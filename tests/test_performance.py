@@ -62,7 +62,7 @@ def footprint(parts, train) -> dict:
         sizes[f"{obs.part}/deferred"] = len(obs._deferred)
         sizes[f"{obs.part}/constants"] = len(obs._constants)
         sizes[f"{obs.part}/alerts"] = len(obs.alerts)
-        sizes[f"{obs.part}/summary"] = sum(len(t) for t in obs._summary.modes.values())
+        sizes[f"{obs.part}/summary"] = sum(len(t) for t in obs.writer.summary.modes.values())
     for mode, stream in train._streams.items():
         sizes[f"train/{mode}/rows"] = sum(a.numel() for a in stream.slots._acc.values())
     return sizes
@@ -140,6 +140,7 @@ def test_host_sync_spy_sees_a_sync_made_by_monitor_code(tmp_path):
     film.finalize()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_hooks_on_cuda_tensors_never_sync_between_flushes(tmp_path):
     session = MonitorSession(tmp_path / "run", "cuda", participation="local")
@@ -194,6 +195,11 @@ def test_the_benchmark_runs_and_its_countable_targets_hold(tmp_path):
     assert {r["monitor_collectives"] for r in res["flush"]} == {2}
     assert {r["monitor_collectives_first_flush"] for r in res["flush"]} == {3}
     assert all(r["per_key_collectives"] == r["K"] for r in res["flush"])
+    # the rank fields cost no collective; every value carries them (2 more keys per metric)
+    assert {(r["before_collectives"], r["forensics_collectives"])
+            for r in res["forensics"]} == {(2, 2)}
+    assert all(r["forensics_bytes_per_line"] > r["before_bytes_per_line"]
+               for r in res["forensics"])
     assert res["syncs"]["host_syncs_between_flushes"] == 0
     assert res["overhead"]["hook_ms_per_step_median"] > 0
     assert res["overhead"]["real_widths"]["ms_per_step"] > 0

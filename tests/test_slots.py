@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from reference import assert_matches, reference_stats
+from reference import assert_matches, reference_stats, value_stats
 
-from monitor.records import value_stats
 from monitor.slots import StatSlots, as_samples
 
 
@@ -68,13 +67,14 @@ def test_reset_empties_rows_without_reallocating():
     assert value_stats(slots.local_rows(["a"], torch.device("cpu"))[0].tolist())["count"] == 0
 
 
-def test_update_samples_folds_every_element_and_skips_empty_tensors():
+def test_update_folds_every_element_of_a_tensor_and_skips_empty_tensors():
     slots = StatSlots(["g"])
     x = torch.randn(4, 5, dtype=torch.bfloat16)
-    slots.update_samples("g", x)
-    slots.update_samples("g", torch.empty(0))
-    slots.update_samples("g", torch.tensor([float("inf")]))
+    for value in (x, torch.empty(0), torch.tensor([float("inf")])):
+        sample = as_samples("g", value)
+        if sample is not None:
+            slots.update({"g": sample})
     got = value_stats(slots.local_rows(["g"], torch.device("cpu"))[0].tolist())
     assert_matches(got, reference_stats([x.double().numpy(), [np.inf]]))
     with pytest.raises(KeyError, match="not declared"):
-        slots.update_samples("h", x)
+        slots.update({"h": x})

@@ -5,10 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import assert_matches, reference_stats
+from reference import assert_matches, reference_stats, value_stats
 
 from monitor import stats
-from monitor.records import value_stats
 
 
 def as_dict(row: torch.Tensor) -> dict:

@@ -134,7 +134,7 @@ def test_log_step_labels_the_values_since_the_previous_call(tmp_path, accumulati
                             detailed_interval=100)
     lfp = PruningObserver(session, ["layer_00"], event_interval=3, detailed_interval=100)
     for step in range(8):
-        for micro in range(accumulation):
+        for _ in range(accumulation):
             feed(moe, lfp, value=float(step) / 10)
             moe.log_step(step)
             lfp.log_step(step)

@@ -48,7 +48,8 @@ def fork_run(tmp_path, **cfg):
             out = model(**synthetic_batch(MODEL_CFG, batch_size=1, generator=gen))
             (out.loss / ACCUMULATION).backward()
             log_step = batch_idx // ACCUMULATION
-            loss, lr = float(out.loss.detach()), 1e-3 / (1 + log_step)  # the script's smoothed floats
+            # the script logs its own smoothed Python floats
+            loss, lr = float(out.loss.detach()), 1e-3 / (1 + log_step)
             log({"VLA Train/Loss": loss, "VLA Train/Learning Rate": lr}, log_step)
             with mon.train_monitor.step(log_step, mode="train") as h:
                 h.log(loss=out.loss.detach(), lr=lr,

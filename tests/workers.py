@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from monitor import Monitor, RankMismatchError
+from monitor import Monitor, RankMismatchError, layout
 from monitor.testing.probes import COLLECTIVES, count_collectives  # noqa: F401
 
 
@@ -128,8 +127,9 @@ def no_process_group(rank, world_size, run_dir_pattern):
 
 
 def read_jsonl(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+    """Every record of a JSONL file, through the package's one reader (the tests read
+    files with the same policy as resume and ``read_run``)."""
+    return layout.read_records(path)
 
 
 def read_records(path) -> list[dict]:

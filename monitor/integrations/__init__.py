@@ -1,12 +1,12 @@
 """Integrations: TensorBoard, W&B and a console line, fed with the records rank 0 writes.
 
 Each integration is a listener of the run's :class:`~monitor.session.MonitorSession`
-(``session.add_listener``): after rank 0 appends a record to its JSONL file, the session
-hands the same plain dict to every listener (``publish(part, kind, record)``), and
-``close()`` is called when the run is finalized. Listeners only read host values that the
-flush already reduced: they add no collective and no host-device sync, and only rank 0
-holds them. One that raises at run time is warned about once and turned off; training and
-the JSONL logs go on.
+(``session.add_listener``, kept in :class:`~monitor.integrations.fanout.Listeners`): after
+rank 0 appends a record to its JSONL file, the session hands the same plain dict to every
+listener (``publish(part, stream, record)``), and ``close()`` is called when the run ends.
+Listeners only read host values that the flush already reduced: they add no collective and
+no host-device sync, and only rank 0 holds them. One that raises at run time is warned
+about once and turned off; training and the JSONL logs go on.
 
 Flat names (TensorBoard tags, W&B keys) come from :mod:`monitor.integrations.names`:
 ``monitor/{mode or part}/{key}/{field}`` (``field`` = ``mean``, ``std``, ``min``, ``max``,
@@ -18,15 +18,23 @@ with every CogVLA part on); ``export_all=True`` exports every value of every rec
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
-from monitor.session import MonitorSession
+from monitor.checks import check_bool
+
+if TYPE_CHECKING:  # the session imports the listener container from this package
+    from monitor.session import MonitorSession
 
 
-def require(module: str, extra: str, setting: str) -> None:
-    """Raise ImportError naming the extra to install when ``module`` is missing."""
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(f"{setting} needs the {module!r} package, which is not installed: "
-                          f'pip install "monitor[{extra}]"')
+def check_extras(*, tensorboard: bool = False, wandb: bool | None = None) -> None:
+    """Raise ImportError naming the extra to install for each integration turned on whose
+    package is missing (call it before any file is written)."""
+    for on, module, setting in ((tensorboard, "tensorboard",
+                                 "tensorboard=True (enable_tensorboard)"),
+                                (wandb, "wandb", "wandb=True (enable_wandb)")):
+        if on and importlib.util.find_spec(module) is None:
+            raise ImportError(f"{setting} needs the {module!r} package, which is not "
+                              f'installed: pip install "monitor[{module}]"')
 
 
 def add_integrations(session: MonitorSession, *, tensorboard: bool = False,
@@ -50,12 +58,8 @@ def add_integrations(session: MonitorSession, *, tensorboard: bool = False,
         ImportError: an integration is turned on but its package is missing (on every
             rank, so that no rank goes on alone).
     """
-    if not isinstance(export_all, bool):
-        raise TypeError(f"export_all must be a bool, got {export_all!r}")
-    if tensorboard:
-        require("tensorboard", "tensorboard", "tensorboard=True (enable_tensorboard)")
-    if wandb:
-        require("wandb", "wandb", "wandb=True (enable_wandb)")
+    check_bool("export_all", export_all)
+    check_extras(tensorboard=tensorboard, wandb=wandb)
     if not session.world.is_writer:
         return
     if tensorboard:
@@ -73,4 +77,4 @@ def add_integrations(session: MonitorSession, *, tensorboard: bool = False,
         session.add_listener(ConsoleListener(samples_per_step=samples_per_step))
 
 
-__all__ = ["add_integrations", "require"]
+__all__ = ["add_integrations", "check_extras"]

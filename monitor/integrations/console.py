@@ -3,10 +3,12 @@
 Sample (INFO)::
 
     monitor: step 1200 | loss 0.713 | lr 1.0e-04 | 3.2 steps/s | 51.2 samples/s
+    monitor: step 1300 | loss 0.702 | lr 1.0e-04 | 3.1 steps/s | nonfinite: loss (rank 3)
 
 Throughput is the steps between this record and the previous one over the wall time
 between them (none on the first record); samples/s only when the global batch size is
-given (``samples_per_step``). Silence it with
+given (``samples_per_step``). A record with NaN/Inf values ends the line with the metrics
+that had them and the ranks that saw them (the first 3 metrics, then how many more). Silence it with
 ``logging.getLogger("monitor").setLevel(logging.WARNING)`` or ``console=False``.
 When nothing in the program configured logging (no handler on the ``monitor`` logger or
 the root), a stderr handler is added to the ``monitor`` logger at the first line, and
@@ -17,22 +19,22 @@ from __future__ import annotations
 
 import logging
 
-log = logging.getLogger("monitor")
+from monitor._log import log
+from monitor.checks import check_positive_int
+from monitor.records import nonfinite_text
 
 
 class ConsoleListener:
     """A session listener that logs one summary line per train record."""
 
     def __init__(self, samples_per_step: int | None = None) -> None:
-        if samples_per_step is not None and (isinstance(samples_per_step, bool)
-                                             or not isinstance(samples_per_step, int)
-                                             or samples_per_step <= 0):
-            raise ValueError(f"samples_per_step must be a positive int, got {samples_per_step!r}")
+        if samples_per_step is not None:
+            samples_per_step = check_positive_int("samples_per_step", samples_per_step)
         self.samples_per_step = samples_per_step
         self._previous: tuple[int, float] | None = None
 
-    def publish(self, part: str, kind: str, record: dict) -> None:
-        if part != "train" or kind != "train":
+    def publish(self, part: str, stream: str, record: dict) -> None:
+        if part != "train" or stream != "train":
             return
         step, now = record["step"], record["time"]
         fields = [f"step {step}"]
@@ -47,6 +49,9 @@ class ConsoleListener:
             if self.samples_per_step:
                 fields.append(f"{rate * self.samples_per_step:.3g} samples/s")
         self._previous = (step, now)
+        bad = nonfinite_text(metrics)
+        if bad is not None:
+            fields.append(bad)
         _ensure_handler()
         log.info("monitor: %s", " | ".join(fields))
 

@@ -42,6 +42,12 @@ Two exports (``export_all``):
   scalar keys (see ``monitor/README.md``), where the full export has about 1,000.
 * all: every value of every record as scalars (``nonfinite`` per metric) and every
   histogram, names as above.
+
+The rank fields (``min_rank``, ``max_rank``, ``nonfinite_ranks``) are not exported as
+scalars: a rank number plotted over steps is an identifier, not a quantity (its "mean" or
+smoothing means nothing), and one series per metric would double the tags. They stay in
+the JSONL (``read_run``, ``python -m monitor report``), and TensorBoard's alert text
+entries carry the alert's ``nonfinite_ranks``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from monitor.integrations import names, require
+from monitor.integrations import check_extras, names
 from monitor.session import MonitorSession
 
 
@@ -25,7 +25,7 @@ class TensorBoardListener:
     """A session listener that writes TensorBoard event files (rank 0)."""
 
     def __init__(self, session: MonitorSession, *, export_all: bool = False) -> None:
-        require("tensorboard", "tensorboard", "tensorboard=True (enable_tensorboard)")
+        check_extras(tensorboard=True)
         self.session = session
         self.export_all = export_all
         self.log_dir = session.files.path("tensorboard")
@@ -40,13 +40,13 @@ class TensorBoardListener:
             self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge)
         return self._writer
 
-    def publish(self, part: str, kind: str, record: dict) -> None:
+    def publish(self, part: str, stream: str, record: dict) -> None:
         if self._closed:
             return
         writer = self._get_writer()
         step, walltime = record["step"], record.get("time")
-        base = names.prefix(part, kind)
-        if kind == "alert":
+        base = names.prefix(part, stream)
+        if stream == "alert":
             writer.add_text(names.name(base, names.RECORD, "alert"), json.dumps(record["alert"]),
                             step, walltime=walltime)
         # one event holding every scalar of the record (5x faster than one add_scalar each
@@ -54,13 +54,13 @@ class TensorBoardListener:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         values = [Summary.Value(tag=name, simple_value=value)
-                  for name, value in names.scalars(part, kind, record, self.export_all)]
+                  for name, value in names.scalars(part, stream, record, self.export_all)]
         if values:
             writer.file_writer.add_summary(Summary(value=values), step, walltime)
-        for name, hist in names.histograms(part, kind, record, self.export_all):
+        for name, hist in names.histograms(part, stream, record, self.export_all):
             writer.add_histogram_raw(name, walltime=walltime, global_step=step,
                                      **histogram_fields(hist))
-        for name, means in names.layer_profiles(part, kind, record, self.export_all):
+        for name, means in names.layer_profiles(part, stream, record, self.export_all):
             writer.add_histogram(name, np.asarray(means, dtype=np.float64), step,
                                  walltime=walltime, bins=min(len(means), 32))
         writer.flush()

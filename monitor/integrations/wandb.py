@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import sys
 
-from monitor.integrations import names, require
+from monitor.integrations import check_extras, names
 from monitor.session import MonitorSession
 
 
@@ -39,7 +39,7 @@ class WandbListener:
     def __init__(self, session: MonitorSession, *, create: bool = False,
                  project: str | None = None, export_all: bool = False) -> None:
         if create:
-            require("wandb", "wandb", "wandb=True (enable_wandb)")
+            check_extras(wandb=True)
         self.session, self.create, self.project = session, create, project
         self.export_all = export_all
         self._run = None
@@ -68,7 +68,7 @@ class WandbListener:
         self._run = run
         return run
 
-    def publish(self, part: str, kind: str, record: dict) -> None:
+    def publish(self, part: str, stream: str, record: dict) -> None:
         if self._closed:
             return
         run = self._get_run()
@@ -76,16 +76,16 @@ class WandbListener:
             return
         import wandb
 
-        base = names.prefix(part, kind)
-        step_key = names.step_key(part, kind)
+        base = names.prefix(part, stream)
+        step_key = names.step_key(part, stream)
         data: dict = {}
-        if kind == "alert":
+        if stream == "alert":
             self._alerts[base] = self._alerts.get(base, 0) + 1
             data[names.name(base, names.RECORD, "alerts")] = self._alerts[base]
-        data.update(names.scalars(part, kind, record, self.export_all))
-        for key, hist in names.histograms(part, kind, record, self.export_all):
+        data.update(names.scalars(part, stream, record, self.export_all))
+        for key, hist in names.histograms(part, stream, record, self.export_all):
             data[key] = wandb.Histogram(np_histogram=(hist["counts"], hist["edges"]))
-        for key, means in names.layer_profiles(part, kind, record, self.export_all):
+        for key, means in names.layer_profiles(part, stream, record, self.export_all):
             data[key] = wandb.Histogram(means, num_bins=min(len(means), 32))
         if not data:
             return

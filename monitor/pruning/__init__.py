@@ -1,5 +1,9 @@
 """Generic observers of routing and modulation inside a model (no model-specific code).
 
+The package is called ``pruning`` because CogVLA's token routing (LFP) prunes tokens and the
+public training script imports every observer, FiLM, MoE and aggregation included, from
+``monitor.pruning``: those import paths are fixed by that script, so they all live here.
+
 * :class:`PruningObserver`: token routing per layer (keep ratio, keep probabilities,
   top-k margin, overlap of kept sets).
 * :class:`FiLMObserver`: FiLM gamma/beta per sampled layer.

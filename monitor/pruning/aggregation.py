@@ -20,6 +20,7 @@ key                        samples (one per sample per encoder call)            
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -29,6 +30,13 @@ from monitor.pruning.summary import by_group
 from monitor.session import MonitorSession
 
 EVENT_METRICS = ("tokens_in", "tokens_out", "compression_ratio")
+
+
+class _EncoderSlots(NamedTuple):
+    """The slot names of one encoder."""
+
+    events: tuple[str, ...]  # tokens_in, tokens_out, compression_ratio
+    cosine: tuple[str, ...]  # token_cosine (detailed)
 
 
 class AggregationObserver(Observer):
@@ -49,7 +57,7 @@ class AggregationObserver(Observer):
         super().__init__(session, event_interval=event_interval,
                          detailed_interval=detailed_interval)
         self.encoders: list[str] = []
-        self._names: dict[str, tuple] = {}
+        self._names: dict[str, _EncoderSlots] = {}
         self.add_encoders(encoders)
 
     def add_encoders(self, encoders: Sequence[str]) -> None:
@@ -60,7 +68,7 @@ class AggregationObserver(Observer):
             events = tuple(f"{enc}/{m}" for m in EVENT_METRICS)
             cosine = (f"{enc}/token_cosine",)
             self.declare(events, cosine)
-            self._names[enc] = (events, cosine)
+            self._names[enc] = _EncoderSlots(events, cosine)
             self.encoders.append(enc)
 
     def observe(self, encoder: str, tokens_in: int, tokens_out: int, batch_size: int,
@@ -73,16 +81,17 @@ class AggregationObserver(Observer):
             tokens: the ``(B, K, width)`` aggregation tokens that left, for
                 ``token_cosine`` (optional).
         """
-        events, cosine = self._names[encoder]
+        slots = self._names[encoder]
         ratio = tokens_in / tokens_out if tokens_out else float("nan")
         rows = stats.constant_rows([float(tokens_in), float(tokens_out), ratio], batch_size)
-        self.events.slots.update_rows(events, rows)
+        self.events.slots.update_rows(slots.events, rows)
         if tokens is not None and tokens.dim() == 3 and tokens.shape[1] > 1:
             x = torch.nn.functional.normalize(tokens.detach().to(stats.DTYPE), dim=-1)
             k = x.shape[1]
             gram = torch.bmm(x, x.transpose(1, 2))
             off = (gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=1))
-            self.detailed.slots.update_rows(cosine, stats.row_of_samples(off / (k * (k - 1))))
+            self.detailed.slots.update_rows(slots.cosine,
+                                            stats.row_of_samples(off / (k * (k - 1))))
 
     def get_summary(self) -> dict:
         """Last compact record: overall ``compression_ratio``, ``tokens_in``,

@@ -101,11 +101,11 @@ class FiLMObserver(Observer):
                 continue
             value = value.detach().reshape(-1, value.shape[-1])
             self.defer((component, kind), self._observe_deferred, (component, kind, value,
-                                                                   self.version(value)))
+                                                                   self.inplace_version(value)))
 
     def _observe_deferred(self, items: list[tuple]) -> None:
         groups: dict[tuple, list[tuple]] = {}
-        for component, kind, value, version in self.unchanged(items):
+        for component, kind, value, _ in self.unchanged(items):
             groups.setdefault((value.shape, value.device), []).append((component, kind, value))
         for group in groups.values():
             values = torch.stack([v for _, _, v in group]).to(stats.DTYPE)  # (n, B, width)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from monitor import stats
+from monitor.checks import check_fraction, check_positive_int
 from monitor.observer import Observer
 from monitor.pruning.summary import pick
 from monitor.session import MonitorSession
@@ -55,11 +56,8 @@ class MoERouterObserver(Observer):
                  collapse_threshold: float = 0.95, collapse_patience: int = 3,
                  event_interval: int = 10, detailed_interval: int = 500,
                  hist_edges: Sequence[float] = DEFAULT_EDGES) -> None:
-        if not 0.0 < collapse_threshold < 1.0:
-            raise ValueError(f"collapse_threshold must be in (0, 1), got {collapse_threshold}")
-        if isinstance(collapse_patience, bool) or not isinstance(collapse_patience, int) \
-                or collapse_patience < 1:
-            raise ValueError(f"collapse_patience must be an int >= 1, got {collapse_patience!r}")
+        collapse_threshold, collapse_patience = self.check_collapse_settings(
+            collapse_threshold, collapse_patience)
         _check_experts(experts)  # before the streams are registered in the session
         super().__init__(session, event_interval=event_interval,
                          detailed_interval=detailed_interval)
@@ -67,6 +65,14 @@ class MoERouterObserver(Observer):
         self.collapse_patience = collapse_patience
         self._edges = [float(e) for e in hist_edges]
         self.set_experts(experts)
+
+    @staticmethod
+    def check_collapse_settings(threshold: object, patience: object, *,
+                                names: tuple[str, str] = ("collapse_threshold",
+                                                          "collapse_patience"),
+                                ) -> tuple[float, int]:
+        """The collapse alert's settings checked (``names``: how the caller calls them)."""
+        return check_fraction(names[0], threshold), check_positive_int(names[1], patience)
 
     def set_experts(self, experts: Sequence[str]) -> None:
         """Name the experts (router output order); an adapter calls it before any hook."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -39,6 +40,26 @@ from monitor.session import MonitorSession
 EVENT_METRICS = ("tokens_before", "tokens_after", "keep_ratio", "margin",
                  "p_keep", "p_keep_entropy", "forced_p_keep")
 DEFAULT_P_EDGES = tuple(i / 20 for i in range(21))
+
+
+class _ComponentSlots(NamedTuple):
+    """The slot names of one component (layer)."""
+
+    sample: tuple[str, ...]   # tokens_before, tokens_after, keep_ratio, margin (per sample)
+    token: tuple[str, ...]    # p_keep, p_keep_entropy (one per candidate token)
+    forced: tuple[str, ...]   # forced_p_keep
+    overlap: tuple[str, ...]  # overlap_prev (detailed)
+    hist: tuple[str, ...]     # the p_keep histogram's bins (detailed)
+
+
+class _RoutingCall(NamedTuple):
+    """One deferred routing call."""
+
+    component: str
+    keep_prob: torch.Tensor
+    kept: torch.Tensor
+    forced: torch.Tensor | None
+    valid: torch.Tensor | None
 
 
 class PruningObserver(Observer):
@@ -63,7 +84,7 @@ class PruningObserver(Observer):
                          detailed_interval=detailed_interval)
         self._edges = [float(e) for e in hist_edges]
         self.components: list[str] = []
-        self._names: dict[str, tuple] = {}
+        self._names: dict[str, _ComponentSlots] = {}
         self._position: dict[str, int] = {}
         self.add_components(components)
 
@@ -76,7 +97,8 @@ class PruningObserver(Observer):
             overlap = (f"{c}/overlap_prev",)
             self.declare(events, overlap)
             hist = self.declare_histogram(f"{c}/p_keep", self._edges)
-            self._names[c] = (events[:4], events[4:6], events[6:], overlap, hist)
+            self._names[c] = _ComponentSlots(sample=events[:4], token=events[4:6],
+                                             forced=events[6:], overlap=overlap, hist=hist)
             self._position[c] = len(self.components)
             self.components.append(c)
 
@@ -112,24 +134,23 @@ class PruningObserver(Observer):
                     raise ValueError(f"forced_valid {tuple(forced_valid.shape)} must have "
                                      f"the shape of forced_keep_prob {tuple(forced.shape)}")
                 valid = forced_valid.detach().to(torch.bool, copy=True)
-        item = (component, keep_prob.detach().to(stats.DTYPE, copy=True),
-                kept.detach().to(torch.bool, copy=True), forced, valid)
-        self.defer(component, self._observe_deferred, item)
+        call = _RoutingCall(component, keep_prob.detach().to(stats.DTYPE, copy=True),
+                            kept.detach().to(torch.bool, copy=True), forced, valid)
+        self.defer(component, self._observe_deferred, call)
 
-    def _observe_deferred(self, items: list[tuple]) -> None:
-        groups: dict[tuple, list[tuple]] = {}
-        for item in items:
-            _, p, _, forced, valid = item
-            key = (p.shape, p.device, None if forced is None else forced.shape, valid is None)
-            groups.setdefault(key, []).append(item)
+    def _observe_deferred(self, calls: list[_RoutingCall]) -> None:
+        groups: dict[tuple, list[_RoutingCall]] = {}
+        for call in calls:
+            key = (call.keep_prob.shape, call.keep_prob.device,
+                   None if call.forced is None else call.forced.shape, call.valid is None)
+            groups.setdefault(key, []).append(call)
         for group in groups.values():
-            forced = [it[3] for it in group]
-            valid = [it[4] for it in group]
-            self.observe_many(
-                [it[0] for it in group], torch.stack([it[1] for it in group]),
-                torch.stack([it[2] for it in group]),
-                None if forced[0] is None else torch.stack(forced),
-                None if valid[0] is None else torch.stack(valid))
+            forced = [c.forced for c in group if c.forced is not None]
+            valid = [c.valid for c in group if c.valid is not None]
+            self.observe_many(  # a group shares None-ness: all or none of each are given
+                [c.component for c in group], torch.stack([c.keep_prob for c in group]),
+                torch.stack([c.kept for c in group]),
+                torch.stack(forced) if forced else None, torch.stack(valid) if valid else None)
 
     def observe_many(self, components: Sequence[str], keep_prob: torch.Tensor,
                      kept: torch.Tensor, forced_keep_prob: torch.Tensor | None = None,
@@ -155,18 +176,19 @@ class PruningObserver(Observer):
                                       valid.reshape(num_comp * 4, -1)).reshape(num_comp, 4, -1),
                 stats.rows_of_samples(token.reshape(num_comp * 2, -1)).reshape(num_comp, 2, -1)]
         names = [self._names[c] for c in components]
-        groups = [n[0] + n[1] for n in names]
+        groups = [n.sample + n.token for n in names]
         if forced_keep_prob is not None and forced_keep_prob.numel():
             fvalid = None if forced_valid is None else forced_valid.reshape(num_comp, -1)
             rows.append(stats.rows_of_samples(forced_keep_prob.reshape(num_comp, -1),
                                               fvalid).unsqueeze(1))
-            groups = [g + n[2] for g, n in zip(groups, names)]
+            groups = [g + n.forced for g, n in zip(groups, names)]
         self.events.slots.update_rows(
             joined_names(groups), torch.cat(rows, dim=1).reshape(-1, stats.NUM_COLS))
-        self.add_to_histograms([n[4] for n in names], p.reshape(num_comp, -1))
+        self.add_to_histograms([n.hist for n in names], p.reshape(num_comp, -1))
         self._overlap(components, kept, names)
 
-    def _overlap(self, components: Sequence[str], kept: torch.Tensor, names: list) -> None:
+    def _overlap(self, components: Sequence[str], kept: torch.Tensor,
+                 names: list[_ComponentSlots]) -> None:
         """Jaccard overlap of each component's kept set with the previous component's
         (the one declared just before it), when both are in this forward pass."""
         where = {self._position[c]: i for i, c in enumerate(components)}
@@ -179,7 +201,7 @@ class PruningObserver(Observer):
         inter = (cur & prev).sum(dim=2, dtype=stats.DTYPE)
         union = (cur | prev).sum(dim=2, dtype=stats.DTYPE)
         self.detailed.slots.update_rows(
-            joined_names([names[i][3] for i, _ in pairs]),
+            joined_names([names[i].overlap for i, _ in pairs]),
             stats.rows_of_samples(inter / union.clamp(min=1), union > 0))
 
     def get_summary(self) -> dict:

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 
 def empty_value() -> dict:
     """The value object of a metric that saw nothing yet (count 0, moments null)."""
-    return {"mean": None, "std": None, "min": None, "max": None, "count": 0, "nonfinite": 0}
+    return {"mean": None, "std": None, "min": None, "max": None, "count": 0, "nonfinite": 0,
+            "min_rank": None, "max_rank": None}
 
 
 def pick(metrics: dict[str, dict], name: str) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
+from types import FrameType
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,11 @@ def count_collectives() -> dict:
             return _original(*args, **kwargs)
 
         setattr(dist, name, wrapped)
-    counter["restore"] = lambda: [setattr(dist, n, f) for n, f in originals.items()]
+    def restore() -> None:
+        for n, f in originals.items():
+            setattr(dist, n, f)
+
+    counter["restore"] = restore
     return counter
 
 
@@ -68,9 +73,10 @@ class HostSyncSpy:
     def __init__(self, only_from: str | None = None) -> None:
         self.calls: list[str] = []
         self._originals: dict = {}
-        self._package = self._testing = None
+        self._package: str | None = None
+        self._testing: str | None = None
         if only_from is not None:
-            root = os.path.dirname(sys.modules[only_from].__file__)
+            root = os.path.dirname(sys.modules[only_from].__file__ or "")
             self._package = root + os.sep
             self._testing = os.path.join(root, "testing") + os.sep
 
@@ -79,9 +85,9 @@ class HostSyncSpy:
         return Counter(self.calls)
 
     def _counted(self) -> bool:
-        if self._package is None:
+        if self._package is None or self._testing is None:
             return True
-        frame = sys._getframe(3)
+        frame: FrameType | None = sys._getframe(3)
         while frame is not None:
             name = frame.f_code.co_filename
             if name.startswith(self._package) and not name.startswith(self._testing):

@@ -33,10 +33,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def _inner(model: torch.nn.Module) -> torch.nn.Module | None:
     name = type(model).__name__
-    if name in _MODULE_WRAPPERS and isinstance(getattr(model, "module", None), torch.nn.Module):
-        return model.module
-    if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-        return model._orig_mod
+    wrapped = getattr(model, "module", None)
+    if name in _MODULE_WRAPPERS and isinstance(wrapped, torch.nn.Module):
+        return wrapped
+    compiled = getattr(model, "_orig_mod", None)
+    if isinstance(compiled, torch.nn.Module):
+        return compiled
     if hasattr(model, "peft_config"):  # PeftModel -> LoraModel -> the model itself
         for attr in ("base_model", "model"):
             inner = getattr(model, attr, None)

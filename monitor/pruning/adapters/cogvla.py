@@ -25,8 +25,6 @@ public script does) for rank 0's own: see ``MonitorSession``'s ``participation``
 from __future__ import annotations
 
 import contextlib
-import numbers
-import operator
 import os
 import warnings
 from collections.abc import Iterator
@@ -34,8 +32,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from monitor.integrations import add_integrations, require
+from monitor.checks import as_int, check_bool, check_positive_int
+from monitor.integrations import add_integrations, check_extras
 from monitor.observer import Observer
+from monitor.part import FinishesOnExit, check_final_status
 from monitor.pruning.adapters import unwrap
 from monitor.pruning.adapters.cogvla_wiring import (
     CogVLAAggregationAdapter,
@@ -47,9 +47,9 @@ from monitor.pruning.aggregation import AggregationObserver
 from monitor.pruning.film import FiLMObserver
 from monitor.pruning.moe import MoERouterObserver
 from monitor.pruning.routing import PruningObserver
-from monitor.schedule import check_interval, check_step
+from monitor.schedule import check_step
 from monitor.session import MonitorSession
-from monitor.train import Monitor, StepHandle, _Discard
+from monitor.train import Monitor, StepHandle
 
 PARTS = ("train", "lfp", "film", "moe", "aggr")
 
@@ -100,60 +100,43 @@ class CogVLAMonitoringConfig:
     """Seconds rank 0 waits for the other ranks' monitors (default 10)."""
 
     def __post_init__(self) -> None:
-        for name in ("enable_train_monitor", "enable_lfp_monitor", "enable_film_monitor",
+        def name(field_name: str) -> str:
+            return f"CogVLAMonitoringConfig.{field_name}"
+
+        for flag in ("enable_train_monitor", "enable_lfp_monitor", "enable_film_monitor",
                      "enable_moe_monitor", "enable_aggr_monitor", "enable_tensorboard",
                      "console", "export_all"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise TypeError(f"CogVLAMonitoringConfig.{name} must be a bool, "
-                                f"got {value!r}")
-        if self.enable_wandb is not None and not isinstance(self.enable_wandb, bool):
-            raise TypeError("CogVLAMonitoringConfig.enable_wandb must be a bool or None, "
-                            f"got {self.enable_wandb!r}")
+            check_bool(name(flag), getattr(self, flag))
+        check_bool(name("enable_wandb"), self.enable_wandb, none_ok=True)
         if self.wandb_project is not None and not isinstance(self.wandb_project, str):
-            raise TypeError("CogVLAMonitoringConfig.wandb_project must be a str or None, "
+            raise TypeError(f"{name('wandb_project')} must be a str or None, "
                             f"got {self.wandb_project!r}")
         if self.console_samples_per_step is not None:
-            check_interval("CogVLAMonitoringConfig.console_samples_per_step",
-                           self.console_samples_per_step)
-        for name in ("monitor_log_interval", "detailed_log_interval",
-                     "pruning_event_log_interval", "moe_collapse_patience"):
-            check_interval(f"CogVLAMonitoringConfig.{name}", getattr(self, name))
+            check_positive_int(name("console_samples_per_step"), self.console_samples_per_step)
+        for interval in ("monitor_log_interval", "detailed_log_interval",
+                         "pruning_event_log_interval"):
+            check_positive_int(name(interval), getattr(self, interval))
+        MoERouterObserver.check_collapse_settings(
+            self.moe_collapse_threshold, self.moe_collapse_patience,
+            names=(name("moe_collapse_threshold"), name("moe_collapse_patience")))
         layers = self.film_sample_layers
         if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-            raise TypeError("CogVLAMonitoringConfig.film_sample_layers must be a list of "
-                            f"ints, got {layers!r}")
-        layers = [_as_index("CogVLAMonitoringConfig.film_sample_layers", i) for i in layers]
+            raise TypeError(f"{name('film_sample_layers')} must be a list of ints, "
+                            f"got {layers!r}")
+        layers = [as_int(f"{name('film_sample_layers')} must hold ints: an item", i)
+                  for i in layers]
         if not layers:
-            raise ValueError("CogVLAMonitoringConfig.film_sample_layers must name at least one "
-                             "block (set enable_film_monitor=False to turn FiLM off)")
+            raise ValueError(f"{name('film_sample_layers')} must name at least one block (set "
+                             "enable_film_monitor=False to turn FiLM off)")
         for i in layers:
             if i < 0:
-                raise ValueError("CogVLAMonitoringConfig.film_sample_layers must be >= 0, "
-                                 f"got {i}")
+                raise ValueError(f"{name('film_sample_layers')} must be >= 0, got {i}")
         if len(set(layers)) != len(layers):
-            raise ValueError("CogVLAMonitoringConfig.film_sample_layers has duplicates: "
-                             f"{layers}")
+            raise ValueError(f"{name('film_sample_layers')} has duplicates: {layers}")
         self.film_sample_layers = layers
-        threshold = self.moe_collapse_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-            raise TypeError("CogVLAMonitoringConfig.moe_collapse_threshold must be a number, "
-                            f"got {threshold!r}")
-        if not 0.0 < self.moe_collapse_threshold < 1.0:
-            raise ValueError("CogVLAMonitoringConfig.moe_collapse_threshold must be in "
-                             f"(0, 1), got {self.moe_collapse_threshold}")
 
 
-def _as_index(name: str, value: object) -> int:
-    if not isinstance(value, bool):
-        try:
-            return operator.index(value)
-        except TypeError:
-            pass
-    raise TypeError(f"{name} must hold ints, got {value!r}")
-
-
-class CogVLAMonitoring:
+class CogVLAMonitoring(FinishesOnExit):
     """The CogVLA facade: the training monitor and the four observers on one session.
 
     Args:
@@ -173,26 +156,29 @@ class CogVLAMonitoring:
         if not isinstance(cfg, CogVLAMonitoringConfig):
             raise TypeError(f"cfg must be a CogVLAMonitoringConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        if cfg.enable_tensorboard:  # a missing extra fails before any file is written
-            require("tensorboard", "tensorboard", "enable_tensorboard=True")
-        if cfg.enable_wandb:
-            require("wandb", "wandb", "enable_wandb=True")
+        # a missing extra fails before any file is written
+        check_extras(tensorboard=cfg.enable_tensorboard, wandb=cfg.enable_wandb)
         self.session = MonitorSession(run_dir, run_id, config_name=config_name,
                                       config=asdict(cfg), participation=cfg.participation,
                                       participation_timeout=cfg.participation_timeout)
-        intervals = {"event_interval": cfg.pruning_event_log_interval,
-                     "detailed_interval": cfg.detailed_log_interval}
+        events, detailed = cfg.pruning_event_log_interval, cfg.detailed_log_interval
         s = self.session
         self.train_monitor = Monitor(session=s, log_interval=cfg.monitor_log_interval) \
             if cfg.enable_train_monitor else None
-        self.lfp_observer = PruningObserver(s, **intervals) if cfg.enable_lfp_monitor else None
-        self.film_observer = FiLMObserver(s, **intervals) if cfg.enable_film_monitor else None
+        self.lfp_observer = PruningObserver(
+            s, event_interval=events, detailed_interval=detailed,
+        ) if cfg.enable_lfp_monitor else None
+        self.film_observer = FiLMObserver(
+            s, event_interval=events, detailed_interval=detailed,
+        ) if cfg.enable_film_monitor else None
         self.moe_observer = MoERouterObserver(
             s, collapse_threshold=cfg.moe_collapse_threshold,
-            collapse_patience=cfg.moe_collapse_patience, **intervals,
+            collapse_patience=cfg.moe_collapse_patience, event_interval=events,
+            detailed_interval=detailed,
         ) if cfg.enable_moe_monitor else None
-        self.aggr_observer = AggregationObserver(s, **intervals) if cfg.enable_aggr_monitor \
-            else None
+        self.aggr_observer = AggregationObserver(
+            s, event_interval=events, detailed_interval=detailed,
+        ) if cfg.enable_aggr_monitor else None
         add_integrations(s, tensorboard=cfg.enable_tensorboard, wandb=cfg.enable_wandb,
                          wandb_project=cfg.wandb_project, console=cfg.console,
                          samples_per_step=cfg.console_samples_per_step,
@@ -248,21 +234,23 @@ class CogVLAMonitoring:
         return counts
 
     def _adapter(self, part: str, obs: Observer, root: torch.nn.Module):
-        if part == "lfp":
+        if isinstance(obs, PruningObserver):
             return CogVLALfpAdapter(obs)
-        if part == "film":
+        if isinstance(obs, FiLMObserver):
             return CogVLAFiLMAdapter(obs, self.cfg.film_sample_layers)
-        if part == "moe":
+        if isinstance(obs, MoERouterObserver):
             obs.set_experts(CogVLAMoEAdapter.expert_names(root))
             return CogVLAMoEAdapter(obs)
-        return CogVLAAggregationAdapter(obs)
+        if isinstance(obs, AggregationObserver):
+            return CogVLAAggregationAdapter(obs)
+        raise TypeError(f"no CogVLA adapter for the {part!r} observer {type(obs).__name__}")
 
     def log_step(self, step: int) -> None:
         """The run is at ``step`` (every micro-batch, before its forward)."""
         if self.train_monitor is not None:
             self.train_monitor.log_step(step)
         elif self._paths is None:
-            self.session.scheduler.advance(check_step(step))
+            self.session.log_step(step)
 
     @contextlib.contextmanager
     def step(self, step: int, mode: str = "train") -> Iterator[StepHandle]:
@@ -276,7 +264,7 @@ class CogVLAMonitoring:
             self._warned_no_train = True
             warnings.warn("monitor: step() logs nothing: enable_train_monitor is False",
                           RuntimeWarning, stacklevel=3)
-        yield StepHandle(_Discard(), check_step(step), mode)
+        yield StepHandle.discarding(check_step(step), mode)
 
     def finalize(self, status: str = "completed") -> dict[str, str]:
         """Write what is pending (one fused flush), the summaries and meta; remove every
@@ -285,39 +273,29 @@ class CogVLAMonitoring:
         ``status="failed"`` writes the summaries and meta without a collective (what the
         context manager form does when the block raised).
         """
-        if status not in ("completed", "failed"):
-            raise ValueError(f"status must be 'completed' or 'failed', got {status!r}")
-        return self._finish(status, None)
+        return self.finish(check_final_status(status))
 
-    def _finish(self, status: str, error: str | None) -> dict[str, str]:
+    def finish(self, status: str, error: str | None = None) -> dict[str, str]:
+        """End every part with any status (``finalize``, the context manager); ``error``
+        (an exception's type name) goes into the summaries and meta. Idempotent."""
         if self._paths is not None:
             return dict(self._paths)
         paths: dict[str, str] = {}
         try:
             if status == "completed":
-                self.session.scheduler.flush(list(self.session.scheduler.streams))
+                self.session.flush_all()
         except BaseException as exc:
             status, error = "failed", type(exc).__name__
             raise
         finally:
             if self.train_monitor is not None:
                 # flushes only what the fused flush did not take (eval values left pending)
-                paths["train"] = self.train_monitor._finish(status, error)
+                paths["train"] = self.train_monitor.finish(status, error)
             for part, obs in self.observers.items():
                 paths[part] = obs.finalize(status, flush=False, error=error)
-            self.session.close_listeners()
             self._paths = paths
             self.session.finish(status, error)
         return dict(paths)
-
-    def __enter__(self) -> CogVLAMonitoring:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self._finish("completed", None)
-        else:
-            self._finish("failed", exc_type.__name__)
 
 
 __all__ = [

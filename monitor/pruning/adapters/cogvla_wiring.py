@@ -152,21 +152,6 @@ def llm_layers(root: torch.nn.Module) -> tuple[Sequence[torch.nn.Module], object
     return [], None
 
 
-def lfp_selection(router_logits: torch.Tensor, num_visual: int, router_factor: float):
-    """The LFP layer's own selection, repeated call for call.
-
-    ``LlamaDecoderLFPLayer.forward`` takes ``p_keep = softmax(logits)[..., 1]``, adds a
-    float32 mask of +inf at position 0 and at every position after the visual tokens,
-    and keeps ``torch.topk(p_keep + mask, kept_length, dim=1, sorted=True)``. The same
-    ops in the same dtypes pick the same tokens, ties included.
-
-    Returns:
-        ``(p_keep (B, S), kept (B, S) bool)``.
-    """
-    p_keep, kept = lfp_selection_many(router_logits.unsqueeze(0), num_visual, [router_factor])
-    return p_keep[0], kept[0]
-
-
 def padding_of(attention_mask: object, batch: int, seq_len: int) -> torch.Tensor | None:
     """``(B, S)`` True at padded positions, from the router's mask (4-d additive or 2-d)."""
     if not isinstance(attention_mask, torch.Tensor):
@@ -230,7 +215,7 @@ class CogVLALfpAdapter:
             logits = logits.detach()
             mask = mask if isinstance(mask, torch.Tensor) else None
             item = (component, nv, float(layer.router_factor), mask, logits,
-                    observer.version(logits))
+                    observer.inplace_version(logits))
             observer.defer(("router", component), self._routing_pass, item)
 
         return on_router
@@ -259,10 +244,14 @@ class CogVLALfpAdapter:
 
 def lfp_selection_many(router_logits: torch.Tensor, num_visual: int,
                        router_factors: Sequence[float]):
-    """:func:`lfp_selection` of ``L`` router calls stacked ``(L, B, S, 2)`` (each layer's
-    ``router_factor`` in ``router_factors``): the softmax in one kernel (elementwise per
-    row, so the same values), the top-k of each call alone (the very call the layer makes,
-    so the same tokens, ties included).
+    """The LFP layers' own selection, repeated call for call, for ``L`` router calls
+    stacked ``(L, B, S, 2)`` (each layer's ``router_factor`` in ``router_factors``).
+
+    ``LlamaDecoderLFPLayer.forward`` takes ``p_keep = softmax(logits)[..., 1]``, adds a
+    float32 mask of +inf at position 0 and at every position after the visual tokens, and
+    keeps ``torch.topk(p_keep + mask, kept_length, dim=1, sorted=True)``. Here the softmax
+    runs in one kernel (elementwise per row, so the same values) and the top-k of each call
+    alone (the very call the layer makes, so the same tokens, ties included).
 
     Returns:
         ``(p_keep (L, B, S), kept (L, B, S) bool)``.
@@ -452,4 +441,4 @@ def _num_patches(vit: torch.nn.Module) -> int | None:
 
 
 __all__ = ["CogVLAAggregationAdapter", "CogVLAFiLMAdapter", "CogVLALfpAdapter",
-           "CogVLAMoEAdapter", "find_encoders", "lfp_selection", "lfp_selection_many"]
+           "CogVLAMoEAdapter", "find_encoders", "lfp_selection_many"]
