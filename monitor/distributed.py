@@ -34,6 +34,7 @@ import hashlib
 import itertools
 import json
 import math
+import numbers
 import os
 import time
 import warnings
@@ -82,16 +83,31 @@ def detect_world() -> WorldInfo:
 
 
 def participation_timeout(value: float | None) -> float:
-    """Seconds to wait for the other ranks: ``value``, $MONITOR_PARTICIPATION_TIMEOUT or 10."""
+    """Seconds to wait for the other ranks: ``value``, $MONITOR_PARTICIPATION_TIMEOUT or 10.
+
+    Raises:
+        TypeError: ``value`` is not a number (a string, a bool).
+        ValueError: not a finite number > 0 (``inf`` would be a wait without end).
+    """
+    name = "participation_timeout"
     if value is None:
         raw = os.environ.get(_TIMEOUT_ENV, str(DEFAULT_PARTICIPATION_TIMEOUT_S))
+        name = f"${_TIMEOUT_ENV}"
         try:
             value = float(raw)
         except ValueError:
-            raise ValueError(f"${_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"participation_timeout must be > 0 seconds, got {value}")
+            raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds (int or float), got "
+                        f"{type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
     return float(value)
+
+
+def group_alive() -> bool:
+    """Whether the default process group still exists (a script may destroy it first)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def reduction_device() -> torch.device:

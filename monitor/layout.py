@@ -23,6 +23,7 @@ content.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import re
@@ -58,16 +59,60 @@ def validate_part(name: object) -> str:
     return name
 
 
+def _name_size(relative: str) -> int:
+    return len(os.fsencode(relative.rsplit("/", 1)[-1]))
+
+
+def _name_max(run_dir: Path) -> int:
+    """``NAME_MAX`` of the filesystem that holds (or will hold) ``run_dir``."""
+    folder = run_dir.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
 def folder_of(part: str) -> str:
     """The folder of ``part``'s files."""
     return "monitor_logs" if part == TRAIN else f"{part}{_FOLDER_SUFFIX}"
 
 
-class RunLayout:
-    """Every relative path of one run's log tree (see the module docstring)."""
+TEMP_NAME_EXTRA = len("..") + 8
+"""What an atomic replace's temporary file adds to a JSON file's name:
+``.{name}.XXXXXXXX`` (``tempfile.mkstemp``'s prefix and 8 random characters)."""
 
-    def __init__(self, run_id: str) -> None:
+
+class RunLayout:
+    """Every relative path of one run's log tree (see the module docstring).
+
+    Args:
+        run_id: the run id (a single path component).
+        run_dir: where the tree goes; when given, the run id must also be short enough that
+            every file name fits that filesystem's ``NAME_MAX`` (255 bytes where unknown).
+    """
+
+    def __init__(self, run_id: str, run_dir: str | os.PathLike | None = None) -> None:
         self.run_id = validate_run_id(run_id)
+        if run_dir is not None:
+            self._check_fits(Path(run_dir))
+
+    def longest_name(self) -> int:
+        """Bytes of the longest file name the tree uses (a summary's temporary file)."""
+        plain = [_name_size(self.stream("x")), _name_size(self.detailed("x"))]
+        replaced = [_name_size(self.meta), _name_size(self.summary("x"))]
+        return max(plain + [size + TEMP_NAME_EXTRA for size in replaced])
+
+    def _check_fits(self, run_dir: Path) -> None:
+        limit = _name_max(run_dir)
+        longest = self.longest_name()
+        if longest > limit:
+            size = len(os.fsencode(self.run_id))
+            raise ValueError(
+                f"run_id must be at most {size - (longest - limit)} bytes, so that its longest "
+                f"file name (.{{run_id}}_summary.json.XXXXXXXX) fits the filesystem's limit of "
+                f"{limit} bytes; got {size} bytes ({self.run_id[:40]!r}...)")
 
     @property
     def meta(self) -> str:
@@ -179,10 +224,52 @@ def shape_problem(rec: object) -> str | None:
     for name, value in metrics.items():
         if not isinstance(value, dict):
             return f"metric {name!r} is not an object"
-        mean = value.get("mean")
-        if mean is not None and (isinstance(mean, bool) or not isinstance(mean, numbers.Real)):
-            return f"metric {name!r} has a mean of {mean!r}"
+        for key in VALUE_FIELDS:
+            problem = _value_problem(key, value.get(key, _MISSING))
+            if problem is not None:
+                return f"metric {name!r} has {problem}"
     return None
+
+
+VALUE_FIELDS = ("mean", "std", "min", "max", "count", "nonfinite")
+"""The fields of every reduced value object (see ``monitor/README.md``)."""
+_MISSING = object()
+
+
+def _value_problem(key: str, value: object) -> str | None:
+    """Why ``value`` cannot be field ``key`` of a value object (None when it can): the
+    moments are null or finite numbers, the counts ints >= 0 (the writer never writes NaN
+    or Infinity, which Python's reader would accept)."""
+    if value is _MISSING:
+        return f"no {key!r}"
+    if key in ("count", "nonfinite"):
+        return None if isinstance(value, int) and _is_int(value) and value >= 0 \
+            else f"a {key} of {value!r}"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):
+        return f"a {key} of {value!r}"
+    return None
+
+
+def has_records(path: str | os.PathLike) -> bool:
+    """Whether the JSONL file at ``path`` holds at least one whole line of the record shape
+    (reads only up to the first one; never raises, never warns)."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    return False  # the last line, cut short
+                try:
+                    rec = json.loads(line.decode("utf-8"))
+                except ValueError:
+                    continue
+                if shape_problem(rec) is None:
+                    return True
+    except OSError:
+        return False
+    return False
 
 
 def read_json(path: str | os.PathLike) -> dict | None:

@@ -13,13 +13,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
+
+from monitor._log import warn_or_log
 
 
 class _JsonFiles(Protocol):
+    def path(self, relative: str) -> Path: ...
+
     def read_json(self, relative: str) -> dict | None: ...
 
-    def write_json(self, relative: str, obj: dict) -> None: ...
+    def write_json(self, relative: str, obj: dict) -> object: ...
 
     @property
     def health(self) -> Any: ...
@@ -34,16 +39,37 @@ class RunMeta:
         fields: the fields of this process's start; ``segments`` and ``resumed`` are
             taken from the meta already on disk, if any.
         start_time: this segment's start.
+        records_exist: the run folder already holds records of this run (its streams).
+
+    A run is resumed when meta is on disk *or* the streams hold records: whatever state
+    meta is in, a folder with records is never taken for a new run (which would append
+    after them with no resume marker, so that a reader would count steps twice). Meta
+    missing, unreadable or of the wrong shape is then warned about once and rebuilt: the
+    earlier segments it held are kept where they are readable, else stand as one segment
+    ``{"status": "unknown", "rebuilt": true}``. ``segments`` is the only field read back,
+    and it is type-checked (a list of objects).
     """
 
     def __init__(self, files: _JsonFiles, relative: str, fields: Mapping[str, Any], *,
-                 start_time: float) -> None:
+                 start_time: float, records_exist: bool = False) -> None:
         self._files, self.path = files, relative
-        previous = files.read_json(relative)
-        segments = list(previous.get("segments", [])) if previous else []
+        self._pid = os.getpid()
+        segments, problem = _earlier_segments(files, relative)
+        resumed = problem is None or records_exist
+        if problem is not None and (resumed or problem != "missing"):
+            rebuilt = [s for s in segments or [] if isinstance(s, dict)]
+            if resumed and not rebuilt:
+                rebuilt = [dict(REBUILT_SEGMENT)]
+            warn_or_log(
+                f"monitor: {files.path(relative)}: meta is {problem}"
+                + ("; the folder already holds this run's records, so this run resumes "
+                   "them: meta is rebuilt (unreadable earlier segments stand as one of "
+                   "status 'unknown'), and each stream gets the usual resume marker"
+                   if resumed else "; it is replaced"), stacklevel=4)
+            segments = rebuilt
+        segments = list(segments or [])
         segments.append({"start_time": start_time, "pid": os.getpid(), "first_step": None})
-        self.data: dict[str, Any] = {**fields, "resumed": previous is not None,
-                                     "segments": segments}
+        self.data: dict[str, Any] = {**fields, "resumed": resumed, "segments": segments}
         self.write()
 
     # -- reading ------------------------------------------------------------------------
@@ -86,8 +112,34 @@ class RunMeta:
         self.update(parts=parts)
 
     def write(self) -> None:
-        self.data.update(self._files.health.as_meta())
+        if os.getpid() != self._pid:
+            return  # a forked child never writes its parent's run
+        health = self._files.health
+        health.meta_stale = False  # what is written now shows every failure so far
+        self.data.update(health.as_meta())
         self._files.write_json(self.path, self.data)
+
+
+REBUILT_SEGMENT = {"start_time": None, "pid": None, "first_step": None, "status": "unknown",
+                   "rebuilt": True}
+"""What stands for the earlier segments of a resumed run whose meta could not be read."""
+
+
+def _earlier_segments(files: _JsonFiles, relative: str) -> tuple[list | None, str | None]:
+    """``(segments, problem)`` of the meta on disk: ``(list, None)`` when it is readable,
+    ``(None, "missing")``, or the segments that can be kept and what is wrong."""
+    if not getattr(files, "is_writer", True):
+        return None, "missing"  # a rank that does not write never looks at the disk
+    previous = files.read_json(relative)
+    if previous is None:
+        path = files.path(relative)
+        return None, "unreadable (not a JSON object)" if path.exists() else "missing"
+    segments = previous.get("segments", [])
+    if not isinstance(segments, list):
+        return [], f"of the wrong shape ('segments' is a {type(segments).__name__})"
+    if not all(isinstance(s, dict) for s in segments):
+        return segments, "of the wrong shape (an entry of 'segments' is not an object)"
+    return segments, None
 
 
 def plain_config(config: object) -> dict | None:

@@ -82,9 +82,12 @@ class _ObserverStream(SlotStream):
         super().__init__(group, interval, interval_name, drain=observer.drain)
         self.observer, self.kind = observer, kind
 
-    def emit(self, step, names, rows) -> None:
+    def emit(self, step, names, rows, note=None) -> None:
         self.slots.declare(names)  # adopt the union so the next flush takes the fast path
-        self.observer._emit(self.kind, step, names, rows)
+        self.observer._emit(self.kind, step, names, rows, note)
+
+    def devices(self):
+        return self.slots.devices | self.observer.deferred_devices()
 
 
 class Observer:
@@ -132,7 +135,8 @@ class Observer:
         self.last_step: int | None = None
         self.attached: dict = {}
         self._finalized = False
-        session.on_exit(lambda status, error: self.finalize(status, flush=False, error=error))
+        session.on_exit(lambda status, error: self.finalize(status, flush=False, error=error),
+                        summary=self.writer.write_summary)
 
     @property
     def alerts(self) -> list[dict]:
@@ -191,13 +195,17 @@ class Observer:
         The hook runs under ``torch.no_grad()``, returns None (the output is never
         replaced), and an exception inside it is reported, not raised into the model.
         """
+        lock = self.session.lock
+
         def forward_hook(mod, args, kwargs, output):
-            if _in_backward():  # activation checkpointing re-runs the forward: seen already
+            # activation checkpointing re-runs the forward: seen already; after the end
+            # (a signal's watcher thread does not remove hooks under a running forward)
+            if _in_backward() or self._finalized:
                 return None
             try:
                 # not inference mode either: tensors made there could never be updated
                 # in place (reset at a flush) once training goes on outside it
-                with torch.inference_mode(False), torch.no_grad():
+                with lock, torch.inference_mode(False), torch.no_grad():
                     fn(mod, args, kwargs, output)
             except Exception as exc:  # noqa: BLE001 - monitoring must never kill training
                 self._on_hook_error(name, exc)
@@ -229,6 +237,15 @@ class Observer:
             self._on_hook_error("deferred statistics", RuntimeError(
                 "a tensor was modified in place after its hook ran"))
         return kept
+
+    def deferred_devices(self) -> set[torch.device]:
+        """The devices of the tensors held for the next drain."""
+        out = set()
+        for _, item in self._deferred.values():
+            for value in item if isinstance(item, (tuple, list)) else (item,):
+                if isinstance(value, torch.Tensor):
+                    out.add(value.device)
+        return out
 
     def drain(self) -> None:
         """Compute the statistics of every deferred call (no host sync)."""
@@ -279,7 +296,8 @@ class Observer:
         if not self._finalized:
             self.session.log_step(step)
 
-    def _emit(self, kind: str, step: int, names: list[str], rows: torch.Tensor) -> None:
+    def _emit(self, kind: str, step: int, names: list[str], rows: torch.Tensor,
+              note: dict | None = None) -> None:
         hist_rows = [i for i, n in enumerate(names) if HIST_SEP in n]
         plain = [i for i, n in enumerate(names) if HIST_SEP not in n]
         metrics = metrics_of([names[i] for i in plain], rows[plain])
@@ -293,6 +311,8 @@ class Observer:
             return
         rec = record(step, None, self.session.world_size, metrics)
         rec.update(out)
+        if note is not None:
+            rec["rank_local"] = note
         alerts: list[dict] = []
         if kind == "events":
             self.last_metrics, self.last_step = metrics, step
@@ -351,7 +371,8 @@ class Observer:
         if self._finalized:
             return str(self.summary_path)
         self._finalized = True
-        self.remove_hooks()
+        if self.session.ended_by is None:  # at a signal, maybe in the middle of a forward
+            self.remove_hooks()
         try:
             if flush and status == "completed":
                 self.session.scheduler.flush([self.events, self.detailed])

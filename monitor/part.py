@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from monitor._log import log
 from monitor.layout import validate_part
 from monitor.records import SummaryTracker, alert_record, nonfinite_alerts
-from monitor.session import MonitorSession
+from monitor.session import MonitorSession, exit_status
 
 SUMMARY_EVERY_S = 30.0
 """The running summary is rewritten after a record at most this often (and at the end)."""
@@ -36,7 +36,9 @@ _Self = TypeVar("_Self", bound="FinishesOnExit")
 class FinishesOnExit:
     """The ``with`` form of whatever ends with ``finish(status, error)`` (the training
     monitor, the CogVLA facade): a clean exit finishes ``"completed"``, an exception
-    ``"failed"`` with its type's name (and is not swallowed)."""
+    ``"failed"`` with its type's name (and is not swallowed); ``sys.exit(0)`` is a normal
+    exit (``"incomplete"``: nothing pending was reduced), ``sys.exit(n)`` ``"failed"``
+    with ``"SystemExit(n)"`` (:func:`monitor.session.exit_status`)."""
 
     def finish(self, status: str, error: str | None = None) -> Any:
         raise NotImplementedError
@@ -48,7 +50,7 @@ class FinishesOnExit:
         if exc_type is None:
             self.finish("completed")
         else:
-            self.finish("failed", exc_type.__name__)
+            self.finish(*exit_status(exc))
 
 
 def check_final_status(status: object) -> str:
@@ -106,20 +108,23 @@ class PartWriter:
             session.register_stream_file(relative, functools.partial(self._seed, key))
 
     def write(self, key: str, scope: str, record: dict, *,
-              alerts: Iterable[dict] = ()) -> None:
+              alerts: Iterable[dict] = ()) -> bool:
         """Append ``record`` (holding reduced ``metrics``) to file ``key``, hand it to the
-        integrations as ``(part, scope, record)``, count it in the summary, then write
-        ``alerts`` and the alerts of its first non-finite values."""
+        integrations as ``(part, scope, record)``, count it in the summary if it reached
+        the disk, then write ``alerts`` and the alerts of its first non-finite values.
+        Returns whether the record reached the disk."""
         step, metrics = record["step"], record["metrics"]
-        self._sinks[key].write(record)
+        written = self._sinks[key].write(record)
         self.session.publish(self.name, scope, record)
-        self.summary.add(step, scope, metrics)
+        if written:  # the summary counts what is on disk (a full disk loses records)
+            self.summary.add(step, scope, metrics)
         for alert in alerts:
             self.alert(step, alert)
         for alert in nonfinite_alerts(metrics, self._nonfinite_seen, self.scope_key, scope):
             self.alert(step, alert)
         if time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_S:
             self.write_summary("running")
+        return written
 
     def alert(self, step: int, alert: dict) -> None:
         """Write an alert record (and log it on the writing rank)."""

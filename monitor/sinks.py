@@ -29,11 +29,12 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from monitor._log import warn_or_log
-from monitor.layout import LOCK_NAME, RunLayout, read_json, read_records
+from monitor.layout import LOCK_NAME, RunLayout, has_records, read_json, read_records
 
 
 class RunDirLockedError(RuntimeError):
@@ -45,12 +46,27 @@ class WriteHealth:
 
     A failed write (permission lost, disk full, ...) is skipped; later writes are tried
     again, so a disk that recovers is used again. ``degraded`` stays True for the rest of
-    the session and is written into meta and the summaries whenever they can be written.
+    the session and is written into meta and the summaries whenever they can be written:
+    after a failure, the first write that succeeds again calls ``on_recovery`` (the session
+    rewrites meta then).
     """
 
     def __init__(self) -> None:
         self.write_errors = 0
         self.first_write_error: str | None = None
+        self.meta_stale = False
+        """A failure happened that the meta on disk does not show yet."""
+        self.on_recovery: Callable[[], None] | None = None
+        self._recovering = False
+
+    def succeeded(self) -> None:
+        """A write went through: if meta is stale, have it rewritten now."""
+        if self.meta_stale and self.on_recovery is not None and not self._recovering:
+            self._recovering = True
+            try:
+                self.on_recovery()
+            finally:
+                self._recovering = False
 
     @property
     def degraded(self) -> bool:
@@ -58,6 +74,7 @@ class WriteHealth:
 
     def failed(self, path: Path, exc: OSError) -> None:
         self.write_errors += 1
+        self.meta_stale = True
         if self.first_write_error is not None:
             return
         code = errno.errorcode.get(exc.errno, exc.errno) if exc.errno else "?"
@@ -123,7 +140,8 @@ class JsonlSink:
             self.path.touch()
         self._repair = False
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict) -> bool:
+        """Append ``record``; True if its line reached the file."""
         data = (dumps(record) + "\n").encode()
         try:
             if self._repair:
@@ -132,14 +150,29 @@ class JsonlSink:
         except OSError as exc:
             self._repair = True  # the line may be half written: cut it before the next one
             self._health.failed(self.path, exc)
+            return False
+        self._health.succeeded()
+        return True
 
 
 def _append(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    """Append ``data`` whole, or not at all: a write that fails part way (a full disk) is
+    cut back at once, since on a disk that stays full no later write would repair it
+    (cutting frees blocks, it never needs new ones)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
     try:
+        start = os.fstat(fd).st_size
         view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            if len(view) < len(data):
+                try:
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass  # the next record's repair cuts it (JsonlSink._prepare)
+            raise
     finally:
         os.close(fd)
 
@@ -147,8 +180,8 @@ def _append(path: Path, data: bytes) -> None:
 class NullSink:
     """What non-writing ranks hold: accepts records, writes nothing."""
 
-    def write(self, record: dict) -> None:
-        pass
+    def write(self, record: dict) -> bool:
+        return True
 
 
 def _truncate_partial_last_line(path: Path) -> None:
@@ -213,23 +246,44 @@ class RunFiles:
         """The records of a JSONL file, read by :func:`monitor.layout.read_records`."""
         return read_records(self.path(relative))
 
+    def holds_records(self, layout: RunLayout) -> bool:
+        """Whether any stream of ``layout``'s run already holds a record here."""
+        return any(has_records(self.path(relative)) for part in layout.parts_in(self.root)
+                   for relative in (layout.stream(part), layout.detailed(part)))
+
     def write_json(self, relative: str, obj: dict, *, pretty: bool = True,
-                   durable: bool = True) -> None:
+                   durable: bool = True) -> bool:
         """Replace a JSON file atomically: readers see the old or the new file, never half.
 
-        An ``OSError`` is reported to ``health`` (the old file stays as it was).
+        An ``OSError`` is reported to ``health`` (the old file stays as it was). On a full
+        disk (``ENOSPC``, ``EDQUOT``: the temporary file needs new blocks) a ``durable``
+        write overwrites the existing file in place instead, in the blocks it already has,
+        so meta and the final summaries get their status whenever any write can succeed
+        (not atomic: only a crash during that write could tear it; a resumed run rebuilds a
+        torn meta from the streams).
 
         Args:
             pretty: indent for people (Python's encoder: slow for thousands of metrics).
             durable: ``fsync`` before the rename, so the new file survives a machine crash
                 (a process crash never leaves half a file either way).
+
+        Returns:
+            True if the file was written.
         """
         target = self.path(relative)
-        text = json.dumps(obj, allow_nan=False, indent=2) if pretty else dumps(obj)
+        text = (json.dumps(obj, allow_nan=False, indent=2) if pretty else dumps(obj)) + "\n"
         try:
-            _replace(target, text + "\n", durable)
+            _replace(target, text, durable)
         except OSError as exc:
-            self.health.failed(target, exc)
+            try:
+                if not (durable and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+                    raise
+                _overwrite(target, text.encode())
+            except OSError:
+                self.health.failed(target, exc)
+                return False
+        self.health.succeeded()
+        return True
 
     def close(self) -> None:
         """Release the lock (the OS releases it anyway when the process ends)."""
@@ -242,6 +296,7 @@ def _replace(target: Path, text: str, durable: bool) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600 whatever the umask
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             if durable:
@@ -252,6 +307,36 @@ def _replace(target: Path, text: str, durable: bool) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux ``/proc``), else by setting it
+    and putting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _overwrite(target: Path, data: bytes) -> None:
+    """Write ``data`` over an existing file's bytes, then cut it to length (no new inode;
+    new blocks only if ``data`` is longer than what the file holds)."""
+    fd = os.open(target, os.O_WRONLY)  # no O_CREAT: a missing file needs new blocks anyway
+    try:
+        view = memoryview(data)
+        offset = 0
+        while offset < len(data):
+            offset += os.pwrite(fd, view[offset:], offset)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_is_dir_or_missing(root: Path) -> None:
@@ -302,7 +387,7 @@ class RunLock:
             return held
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
             except OSError as exc:
                 health.failed(path, exc)  # no lock on a read-only folder: degraded, not fatal
                 return None
@@ -403,9 +488,12 @@ class NullRunFiles:
     def read_jsonl(self, relative: str) -> list[dict]:
         return []
 
+    def holds_records(self, layout: RunLayout) -> bool:
+        return False
+
     def write_json(self, relative: str, obj: dict, *, pretty: bool = True,
-                   durable: bool = True) -> None:
-        pass
+                   durable: bool = True) -> bool:
+        return True
 
     def close(self) -> None:
         pass

@@ -36,7 +36,13 @@ def _host_number(name: str, value: object) -> float | None:
     if isinstance(value, (bool, np.bool_)):
         return float(value)
     if isinstance(value, numbers.Real) and not isinstance(value, np.ndarray):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            digits = len(str(abs(int(value)))) if isinstance(value, numbers.Integral) else None
+            what = f"an int of {digits} digits" if digits else type(value).__name__
+            raise ValueError(f"metric {name!r}: expected a number that fits in a float64 "
+                             f"(|x| < 1.8e308), got {what}") from None
     if isinstance(value, np.ndarray) and value.ndim == 0:
         _check_numpy_dtype(name, value.dtype)
         return float(value)
@@ -63,6 +69,12 @@ def as_samples(name: str, value: object) -> float | torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         if value.is_complex():
             raise TypeError(f"metric {name!r}: complex tensors are not supported ({value.dtype})")
+        if value.layout != torch.strided:
+            raise TypeError(f"metric {name!r}: expected a dense (strided) tensor, got layout "
+                            f"{value.layout} (pass value.to_dense() if its zeros are samples)")
+        if value.is_meta:
+            raise TypeError(f"metric {name!r}: a tensor on the meta device has no values to "
+                            "log (it only describes a shape)")
         return value.detach() if value.numel() else None
     number = _host_number(name, value)
     if number is not None:
@@ -100,6 +112,11 @@ class StatSlots:
     @property
     def names(self) -> list[str]:
         return list(self._index)
+
+    @property
+    def devices(self) -> set[torch.device]:
+        """The devices whose accumulators hold this object's values."""
+        return set(self._acc) | set(self._next)
 
     def declare(self, names: Iterable[str]) -> None:
         """Add slots for ``names`` that do not exist yet (host-side bookkeeping only)."""

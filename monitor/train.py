@@ -42,6 +42,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 
+from monitor.checks import check_bool, check_positive_int
 from monitor.integrations import add_integrations, check_extras
 from monitor.layout import TRAIN
 from monitor.part import FinishesOnExit, PartWriter, check_final_status
@@ -127,9 +128,12 @@ class _ModeStream(Stream):
         self.dirty = False
         return order, rows
 
-    def emit(self, step: int, names: list[str], rows) -> None:
+    def emit(self, step: int, names: list[str], rows, note: dict | None = None) -> None:
         self.slots.declare(names)  # adopt the union so the next flush takes the fast path
-        self.monitor._write_record(step, self.mode, metrics_of(names, rows))
+        self.monitor._write_record(step, self.mode, metrics_of(names, rows), note)
+
+    def devices(self):
+        return self.slots.devices
 
 
 class Monitor(FinishesOnExit):
@@ -154,8 +158,13 @@ class Monitor(FinishesOnExit):
             train record (rank 0).
         export_all: TensorBoard/W&B get every value of every record, not the compact
             export (``monitor.integrations.names``).
-        The last four apply when the monitor builds its own session; with ``session=``,
+        handle_signals: SIGTERM/SIGINT end the run as ``"terminated"`` before the signal
+            goes on (see ``MonitorSession``); False leaves signals alone.
+        The last five apply when the monitor builds its own session; with ``session=``,
         whoever built it adds integrations (``monitor.integrations.add_integrations``).
+
+    ``log()`` and ``step()`` may be called from several threads: every value is counted
+    once (the session's lock guards the slots; it costs well under a microsecond a call).
     """
 
     def __init__(
@@ -173,7 +182,15 @@ class Monitor(FinishesOnExit):
         wandb: bool | None = None,
         console: bool = True,
         export_all: bool = False,
+        handle_signals: bool = True,
     ) -> None:
+        log_interval = check_positive_int("log_interval", log_interval)
+        check_bool("tensorboard", tensorboard)
+        check_bool("wandb", wandb, none_ok=True)
+        check_bool("console", console)
+        check_bool("export_all", export_all)
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping or None, got {type(config).__name__}")
         train = _ModeStream(self, "train", log_interval)
         self.log_interval = log_interval
         self._owns_session = session is None
@@ -189,6 +206,7 @@ class Monitor(FinishesOnExit):
             session = MonitorSession(
                 run_dir, run_id, config_name=config_name, config=meta_config,
                 participation=participation, participation_timeout=participation_timeout,
+                handle_signals=handle_signals,
             )
             add_integrations(session, tensorboard=tensorboard, wandb=wandb, console=console,
                              export_all=export_all)
@@ -206,7 +224,7 @@ class Monitor(FinishesOnExit):
         self.summary_path = self.writer.summary_path
         self._last: int | None = None
         self._finalized = False
-        session.on_exit(self.finish)
+        session.on_exit(self.finish, summary=self.writer.write_summary)
         # Gradient accumulation shows as several train contexts at one step number. Until
         # a step with exactly one has ended (None: not known yet), and once a step had
         # several (True), a due record waits for the first call with a later step, so
@@ -228,18 +246,22 @@ class Monitor(FinishesOnExit):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if self._finalized:
-            warnings.warn("Monitor.step() after finalize(): ignored", RuntimeWarning, stacklevel=3)
+            ended = self.session.ended_by
+            why = "finalize()" if ended is None else f"the run was ended by {ended}"
+            warnings.warn(f"Monitor.step() after {why}: ignored", RuntimeWarning, stacklevel=3)
             yield StepHandle.discarding(step, mode)
             return
         self._advance(step)
-        if mode == "train":
-            self._train_contexts_here += 1
-            if self._train_contexts_here > 1:
-                self._accumulating = True
-        stream = self._streams.get(mode)
-        if stream is None:
-            stream = self._streams[mode] = _ModeStream(self, mode, None)
-        stream.dirty = True
+        with self.session.lock:
+            if mode == "train":
+                self._train_contexts_here += 1
+                if self._train_contexts_here > 1:
+                    self._accumulating = True
+            stream = self._streams.get(mode)
+            if stream is None:
+                stream = self._streams[mode] = _ModeStream(self, mode, None)
+                self._scheduler.local_only.append(stream)  # a signal's end still writes it
+            stream.dirty = True
         handle = StepHandle(self._add, step, mode)
         try:
             yield handle
@@ -275,7 +297,7 @@ class Monitor(FinishesOnExit):
         CogVLA facade and the exit handler call). Idempotent.
 
         ``"completed"`` writes what is pending (a collective: every rank calls it); any
-        other status (``"failed"``, ``"incomplete"``, ...) only writes files. ``error``
+        other status (``"failed"``, ``"incomplete"``, ``"terminated"``) only writes files. ``error``
         (an exception's type name) goes into the summary and meta. Returns the summary
         path.
         """
@@ -292,7 +314,8 @@ class Monitor(FinishesOnExit):
             status, error = "failed", type(exc).__name__
             raise
         finally:
-            self._scheduler.remove(self._streams["train"])
+            for stream in self._streams.values():
+                self._scheduler.remove(stream)
             self.writer.finish(status, error)
             if self._owns_session:
                 self.session.finish(status, error)
@@ -303,19 +326,24 @@ class Monitor(FinishesOnExit):
     # -- internals ----------------------------------------------------------------------
 
     def _advance(self, step: int) -> None:
-        if self._last is not None and step > self._last:
-            if self._train_contexts_here == 1 and self._accumulating is None:
-                self._accumulating = False
-            self._train_contexts_here = 0
-        self._last = step if self._last is None else max(self._last, step)
+        with self.session.lock:
+            if self._last is not None and step > self._last:
+                if self._train_contexts_here == 1 and self._accumulating is None:
+                    self._accumulating = False
+                self._train_contexts_here = 0
+            self._last = step if self._last is None else max(self._last, step)
         self.session.log_step(step)
 
     def _add(self, mode: str, values: dict) -> None:
-        slots = self._streams[mode].slots
-        slots.declare(values)
-        slots.update(values)
+        with self.session.lock:  # threads: every value counted once
+            slots = self._streams[mode].slots
+            slots.declare(values)
+            slots.update(values)
 
-    def _write_record(self, step: int, mode: str, metrics: dict) -> None:
+    def _write_record(self, step: int, mode: str, metrics: dict,
+                      note: dict | None = None) -> None:
         if metrics:
-            self.writer.write("records", mode, record(step, mode, self.session.world_size,
-                                                   metrics))
+            rec = record(step, mode, self.session.world_size, metrics)
+            if note is not None:
+                rec["rank_local"] = note
+            self.writer.write("records", mode, rec)

@@ -31,6 +31,11 @@ forensics The rank fields (``min_rank``, ``max_rank``, ``nonfinite_ranks``) agai
 syncs     Calls that hand a tensor to the host (``.item()``, ``.cpu()``, ``.tolist()``,
           ``.numpy()``, ``__float__``, ``__bool__``, ``__int__``, ``__index__``) made by monitor
           code during training steps between flushes (must be 0), and at a flush.
+log       What one ``log()`` call costs (two host floats, or two 0-d tensors), with the
+          session's thread lock and with the lock swapped for a no-op, alternated in one
+          process (the fastest round of each: the least disturbed by other load): the
+          lock's price per call (issue 12: thread-safe logging), and an uncontended
+          ``RLock`` acquire + release alone.
 memory    The monitor driven for 10,000 steps (hooks fed real-shaped tensors, flushes at
           the default intervals, records written): process RSS and Python allocations
           (tracemalloc) after 1,000 and after 10,000 steps.
@@ -602,6 +607,66 @@ def bench_syncs(steps: int, batch_size: int) -> dict:
     return result
 
 
+# -- log() per call: the thread lock's price ---------------------------------------------------
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def acquire(self, *args, **kwargs):
+        return True
+
+    def release(self):
+        pass
+
+
+def bench_log(calls: int, rounds: int) -> dict:
+    import threading
+
+    from monitor import Monitor
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        mon = Monitor(run_dir=f"{tmp}/run", run_id="log", log_interval=10**9, console=False)
+        values = {"host floats": {"loss": 0.5, "lr": 1e-4},
+                  "0-d tensors": {"loss": torch.tensor(0.5), "lr": torch.tensor(1e-4)}}
+        locks = {"with lock": mon.session.lock, "no lock": _NoLock()}
+        for kind, kwargs in values.items():
+            times = {name: [] for name in locks}
+            with mon.step(0) as h:
+                for i in range(rounds):
+                    order = list(locks.items())
+                    for name, lock in order if i % 2 else order[::-1]:  # alternated, ABBA
+                        mon.session.lock = lock
+                        t0 = time.perf_counter()
+                        for _ in range(calls):
+                            h.log(**kwargs)
+                        times[name].append((time.perf_counter() - t0) / calls * 1e6)
+            mon.session.lock = locks["with lock"]
+            with_lock, without = (min(times[n]) for n in locks)
+            out[kind] = {"us_per_call_with_lock": with_lock, "us_per_call_no_lock": without,
+                         "lock_us_per_call": with_lock - without, "ratio": with_lock / without}
+        mon.finalize()
+    lock = threading.RLock()
+    t0 = time.perf_counter()
+    for _ in range(calls * 10):
+        with lock:
+            pass
+    out["rlock_acquire_release_us"] = (time.perf_counter() - t0) / (calls * 10) * 1e6
+    print(f"\nlog: one log() call ({calls} calls x {rounds} rounds, fastest round)")
+    for kind in values:
+        r = out[kind]
+        print(f"  {kind}: {r['us_per_call_with_lock']:.2f} us with the lock, "
+              f"{r['us_per_call_no_lock']:.2f} us without ({r['lock_us_per_call']:+.3f} us, "
+              f"x{r['ratio']:.3f})")
+    print(f"  an uncontended RLock acquire + release alone: "
+          f"{out['rlock_acquire_release_us']:.3f} us")
+    return out
+
+
 # -- memory ------------------------------------------------------------------------------------
 
 def _rss_mb() -> float:
@@ -679,8 +744,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="+",
-                   default=["flush", "forensics", "overhead", "syncs", "memory"],
-                   choices=["flush", "forensics", "overhead", "syncs", "memory"])
+                   default=["flush", "forensics", "overhead", "syncs", "log", "memory"],
+                   choices=["flush", "forensics", "overhead", "syncs", "log", "memory"])
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 3])
     p.add_argument("--metrics", type=int, nargs="+", default=[10, 100, 1000, 10_000])
     p.add_argument("--forensics-ranks", type=int, nargs="+", default=[2])
@@ -707,6 +772,7 @@ def main() -> None:
                                              args.quick),
         "overhead": lambda: bench_overhead(args.steps, args.batch_size, args.threads),
         "syncs": lambda: bench_syncs(3 if args.quick else 5, args.batch_size),
+        "log": lambda: bench_log(200 if args.quick else 500, 4 if args.quick else 40),
         # growth does not scale with tensor sizes, only with calls and flushes: batch 2
         # keeps 10,000 steps short
         "memory": lambda: bench_memory(args.memory_steps, 2),

@@ -5,9 +5,11 @@
 MODE: ``with_inside``/``with_outside`` (the ``with CogVLAMonitoring(...)`` form, 1/0 raised
 at step 5 inside/outside the step context), ``exit_inside``/``exit_outside`` (the same crash,
 but ``finalize()`` is never called: the exit handler must write the end), ``exit_clean``
-(no crash, no ``finalize()``), ``forever`` (log every step until killed), ``hold`` (open the
-run, print ``ready`` and wait to be killed), ``hold_fork`` (the same, after forking a child
-that sleeps, as a DataLoader worker would: its pid follows ``ready``).
+(no crash, no ``finalize()``), ``sysexit_N``/``with_sysexit_N`` (``sys.exit(N)`` at step 5,
+outside the step context, without ``finalize()``/leaving the ``with`` block), ``forever``
+(log every step until killed), ``hold`` (open the run, print ``ready`` and wait to be
+killed), ``hold_fork`` (the same, after forking a child that sleeps, as a DataLoader worker
+would: its pid follows ``ready``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def main(run_dir: str, mode: str, run_id: str = "run") -> None:
                     raise ZeroDivisionError("division by zero (an injected crash)")
             if mode.endswith("_outside") and step == CRASH_STEP:
                 raise ZeroDivisionError("division by zero (an injected crash)")
+            if "sysexit_" in mode and step == CRASH_STEP:
+                sys.exit(int(mode.rsplit("_", 1)[1]))
             if mode == "forever" and step == 2:
                 print("ready", flush=True)
             step += 1

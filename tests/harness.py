@@ -61,12 +61,14 @@ def _child(fn, rank, world_size, store_path, init, env, kwargs, results,
 
 
 def run_world(fn, world_size, tmp_path, *, timeout=90.0, init=True, env=None,
-              group_timeout=GROUP_TIMEOUT_S, may_die=(), **kwargs):
+              group_timeout=GROUP_TIMEOUT_S, may_die=(), teardown=None, **kwargs):
     """Run ``fn`` on every rank of a fresh gloo world; returns the per-rank return values.
 
     ``group_timeout``: seconds of ``init_process_group(timeout=)``. ``may_die``: ranks that
     are meant to die (fault injection): they are not waited for, their return value is
     None, and no rank tears the group down (no barrier a dead rank could answer).
+    ``teardown=False``: no barrier and no ``destroy_process_group()`` after ``fn`` (for a
+    ``fn`` that destroys the group itself); default: ``not may_die``.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -75,7 +77,7 @@ def run_world(fn, world_size, tmp_path, *, timeout=90.0, init=True, env=None,
         ctx.Process(
             target=_child,
             args=(fn, rank, world_size, store_path, init, env, kwargs, results, group_timeout,
-                  not may_die),
+                  not may_die if teardown is None else teardown),
             daemon=True,
         )
         for rank in range(world_size)

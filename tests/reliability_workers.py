@@ -117,3 +117,24 @@ def facade_disk_fails_on_rank0(rank, world_size, run_dir, steps, fail_from, fail
     counter["restore"]()
     return {"deltas": deltas, "degraded": mon.session.degraded,
             "warnings": [str(w.message) for w in caught if "cannot write" in str(w.message)]}
+
+
+def finalize_after_destroy(rank, world_size, run_dir, facade):
+    """Records at steps 0, 2, 4 (interval 2); step 5 stays pending; the script then destroys
+    the process group *before* ``finalize()``, a common end-of-script order."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if facade:
+            from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
+
+            mon = CogVLAMonitoring(run_dir=run_dir, run_id="gone", cfg=CogVLAMonitoringConfig(
+                monitor_log_interval=2, participation="all", enable_lfp_monitor=False,
+                enable_film_monitor=False, enable_moe_monitor=False, enable_aggr_monitor=False))
+        else:
+            mon = Monitor(run_dir=run_dir, run_id="gone", log_interval=2, participation="all")
+        for step in range(6):
+            with mon.step(step) as h:
+                h.log(loss=float(10 * rank + step))
+        dist.destroy_process_group()
+        mon.finalize()
+    return [str(w.message) for w in caught]

@@ -317,7 +317,8 @@ def test_one_process_without_a_group_issues_no_collective(run_dir):
 def test_participation_arguments_are_checked(run_dir, monkeypatch):
     with pytest.raises(ValueError, match="participation must be one of"):
         Monitor(run_dir=run_dir, run_id="exp", participation="some")
-    with pytest.raises(ValueError, match="participation_timeout must be > 0"):
+    with pytest.raises(ValueError,
+                       match="participation_timeout must be a finite number of seconds > 0"):
         Monitor(run_dir=run_dir, run_id="exp", participation_timeout=0)
     monkeypatch.setenv("MONITOR_PARTICIPATION_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="MONITOR_PARTICIPATION_TIMEOUT"):

@@ -153,7 +153,7 @@ def test_read_run_drops_a_resumed_runs_superseded_records_and_markers(tmp_path):
     for step in range(31):
         with mon.step(step) as h:
             h.log(loss=1.0)
-    # no finalize: the segment "dies" (the next session in this process shares the lock)
+    mon.session.close()  # the segment "dies": no end written (one live monitor per folder)
     mon = Monitor(run_dir=run_dir, run_id="r", log_interval=10, participation="local")
     for step in range(20, 41):
         with mon.step(step) as h:

@@ -63,6 +63,12 @@ class Listeners:
             except Exception as exc:  # noqa: BLE001 - an integration must not kill training
                 self._drop(listener, "publish", exc)
 
+    def abandon(self) -> None:
+        """Drop every listener without closing it (the run ends at a signal: closing W&B
+        could outlast the grace period; the process is about to die anyway)."""
+        self._closed = True
+        self._items = []
+
     def close(self) -> None:
         """Close every listener (at the run's end). Idempotent."""
         self._closed = True

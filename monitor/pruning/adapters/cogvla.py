@@ -98,6 +98,9 @@ class CogVLAMonitoringConfig:
     """``"auto"``, ``"all"`` or ``"local"``: whose statistics are reduced (MonitorSession)."""
     participation_timeout: float | None = None
     """Seconds rank 0 waits for the other ranks' monitors (default 10)."""
+    handle_signals: bool = True
+    """SIGTERM/SIGINT end the run as ``"terminated"`` (meta, summaries, the values since the
+    last record) before the signal goes on as it would have (``monitor.signals``)."""
 
     def __post_init__(self) -> None:
         def name(field_name: str) -> str:
@@ -105,7 +108,7 @@ class CogVLAMonitoringConfig:
 
         for flag in ("enable_train_monitor", "enable_lfp_monitor", "enable_film_monitor",
                      "enable_moe_monitor", "enable_aggr_monitor", "enable_tensorboard",
-                     "console", "export_all"):
+                     "console", "handle_signals", "export_all"):
             check_bool(name(flag), getattr(self, flag))
         check_bool(name("enable_wandb"), self.enable_wandb, none_ok=True)
         if self.wandb_project is not None and not isinstance(self.wandb_project, str):
@@ -160,7 +163,8 @@ class CogVLAMonitoring(FinishesOnExit):
         check_extras(tensorboard=cfg.enable_tensorboard, wandb=cfg.enable_wandb)
         self.session = MonitorSession(run_dir, run_id, config_name=config_name,
                                       config=asdict(cfg), participation=cfg.participation,
-                                      participation_timeout=cfg.participation_timeout)
+                                      participation_timeout=cfg.participation_timeout,
+                                      handle_signals=cfg.handle_signals)
         events, detailed = cfg.pruning_event_log_interval, cfg.detailed_log_interval
         s = self.session
         self.train_monitor = Monitor(session=s, log_interval=cfg.monitor_log_interval) \
