@@ -168,13 +168,13 @@ def test_pruning_compact_records_hold_exactly_the_values_fed_since_the_previous_
     obs = PruningObserver(new_session(tmp_path), comps, event_interval=2, detailed_interval=4)
     want = defaultdict(lambda: defaultdict(list))
     for step in STEPS:
-        obs.log_step(step)
         label = bucket_of(step, EVENT_LABELS)
         for c in comps:
             p, kept, forced = pruning_inputs(rng, 3 + step % 3, 9, 2)
             obs.observe(c, torch.from_numpy(p), torch.from_numpy(kept), torch.from_numpy(forced))
             for key, values in pruning_expected(c, p, kept, forced).items():
                 want[label][key].append(values)
+        obs.log_step(step)
     obs.finalize()
     recs = plain_records(obs.jsonl_path)
     assert [r["step"] for r in recs] == EVENT_LABELS
@@ -188,8 +188,8 @@ def test_pruning_bfloat16_keep_probabilities_are_summarised_as_the_values_they_h
     p, kept, forced = pruning_inputs(rng, 5, 16, 3)
     p_t, p64 = bf16_round(p)
     f_t, f64 = bf16_round(forced)
-    obs.log_step(0)
     obs.observe("l0", p_t, torch.from_numpy(kept), f_t)
+    obs.log_step(0)
     obs.finalize()
     (rec,) = plain_records(obs.jsonl_path)
     check_record(rec["metrics"], with_overall(
@@ -208,8 +208,8 @@ def test_pruning_margin_counts_only_samples_with_kept_and_dropped_tokens(tmp_pat
                   [0.2, 0.7, 0.75, 0.4]])  # kept {0.2, 0.75}, dropped {0.7, 0.4}: -0.5
     kept = np.array([[True] * 4, [False] * 4, [True, True, False, False],
                      [True, False, True, False]])
-    obs.log_step(0)
     obs.observe("l0", torch.from_numpy(p), torch.from_numpy(kept))
+    obs.log_step(0)
     obs.finalize()
     m = plain_records(obs.jsonl_path)[0]["metrics"]
     assert_matches(m["l0/margin"], reference_stats([[0.6 - 0.5, 0.2 - 0.7]]))
@@ -223,8 +223,8 @@ def test_pruning_margin_counts_only_samples_with_kept_and_dropped_tokens(tmp_pat
 def test_pruning_a_batch_of_only_all_kept_or_none_kept_samples_has_an_empty_margin(tmp_path):
     obs = PruningObserver(new_session(tmp_path), ["l0"], event_interval=1)
     p = torch.tensor([[0.5, 0.25], [0.75, 0.125]], dtype=torch.float32)
-    obs.log_step(0)
     obs.observe("l0", p, torch.tensor([[True, True], [False, False]]))
+    obs.log_step(0)
     obs.finalize()
     m = plain_records(obs.jsonl_path)[0]["metrics"]
     assert "l0/margin" not in m and "overall/margin" not in m
@@ -234,8 +234,8 @@ def test_pruning_a_batch_of_only_all_kept_or_none_kept_samples_has_an_empty_marg
 def test_pruning_p_keep_entropy_is_binary_entropy_in_bits_with_zero_at_certainty(tmp_path):
     obs = PruningObserver(new_session(tmp_path), ["l0"], event_interval=1)
     p = np.array([[0.0, 1.0, 0.5, 0.25], [0.125, 0.875, 1.0, 0.0]])
-    obs.log_step(0)
     obs.observe("l0", torch.from_numpy(p), torch.from_numpy(p > 0.4))
+    obs.log_step(0)
     obs.finalize()
     got = plain_records(obs.jsonl_path)[0]["metrics"]["l0/p_keep_entropy"]
     def h(q):
@@ -257,9 +257,9 @@ def test_pruning_forced_p_keep_leaves_out_entries_marked_invalid(tmp_path):
     forced[0, 1] = 50.0    # invalid outlier: must not reach max
     forced[1, 0] = np.inf  # a valid non-finite value
     p, kept, _ = pruning_inputs(rng, 4, 5, 1)
-    obs.log_step(0)
     obs.observe("l0", torch.from_numpy(p), torch.from_numpy(kept), torch.from_numpy(forced),
                 torch.from_numpy(valid))
+    obs.log_step(0)
     obs.finalize()
     m = plain_records(obs.jsonl_path)[0]["metrics"]
     want = reference_stats([forced.astype(np.float64)[valid]])
@@ -277,8 +277,8 @@ def test_pruning_nonfinite_keep_probabilities_are_counted_and_kept_out_of_the_mo
     p[3, 2], p[3, 4], p[2, 1] = np.nan, np.inf, -np.inf
     kept = np.zeros((4, 6), dtype=bool)
     kept[:, :3] = True
-    obs.log_step(0)
     obs.observe("l0", torch.from_numpy(p), torch.from_numpy(kept))
+    obs.log_step(0)
     obs.finalize()
     m = plain_records(obs.jsonl_path)[0]["metrics"]
     assert_matches(m["l0/p_keep"], reference_stats([p]))
@@ -303,7 +303,6 @@ def test_pruning_p_keep_histogram_counts_half_open_bins_with_below_above_and_non
     exact = np.array([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, np.nan, 0.0999, 0.8999])
     want = defaultdict(lambda: defaultdict(list))
     for step in STEPS:
-        obs.log_step(step)
         label = bucket_of(step, DETAILED_LABELS)
         for c in ("a", "b"):
             p = rng.random((2, 10))
@@ -311,6 +310,7 @@ def test_pruning_p_keep_histogram_counts_half_open_bins_with_below_above_and_non
                 p[1] = exact  # values on edges go to the bin they open; 0.9 and up: above
             obs.observe(c, torch.from_numpy(p), torch.from_numpy(p > 0.5))
             want[label][c].append(p)
+        obs.log_step(step)
     obs.finalize()
     recs = read_jsonl(obs.detailed_path)
     assert [r["step"] for r in recs] == DETAILED_LABELS
@@ -329,7 +329,6 @@ def test_pruning_overlap_prev_is_the_jaccard_with_the_previous_component_of_the_
     obs = PruningObserver(new_session(tmp_path), comps, event_interval=2, detailed_interval=4)
     want = defaultdict(lambda: defaultdict(list))
     for step in STEPS:
-        obs.log_step(step)
         label = bucket_of(step, DETAILED_LABELS)
         # step 2's forward skips l1: l2 has no previous component in that forward;
         # step 3's ends at l1 and step 4's starts at l1: a new forward, no overlap for l1
@@ -343,6 +342,7 @@ def test_pruning_overlap_prev_is_the_jaccard_with_the_previous_component_of_the_
             if prev is not None and comps.index(c) == comps.index(prev[0]) + 1:
                 want[label][f"{c}/overlap_prev"].append(jaccard(kept, prev[1]))
             prev = (c, kept)
+        obs.log_step(step)
     obs.finalize()
     recs = read_jsonl(obs.detailed_path)
     assert [r["step"] for r in recs] == DETAILED_LABELS
@@ -361,9 +361,9 @@ def test_pruning_overlap_prev_is_one_for_identical_kept_sets_and_zero_for_disjoi
     a = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 0]], dtype=bool)
     b = np.array([[1, 1, 0, 0], [0, 1, 0, 1], [0, 1, 1, 1]], dtype=bool)
     p = torch.full((3, 4), 0.5)
-    obs.log_step(0)
     obs.observe("l0", p, torch.from_numpy(a))
     obs.observe("l1", p, torch.from_numpy(b))
+    obs.log_step(0)
     obs.finalize()
     got = read_jsonl(obs.detailed_path)[0]["metrics"]["l1/overlap_prev"]
     assert_matches(got, reference_stats([[1.0, 0.0, 2 / 4]]))
@@ -389,13 +389,14 @@ def test_pruning_summary_is_the_last_compact_record_with_prune_ratio_the_keep_ra
     obs = PruningObserver(new_session(tmp_path), comps, event_interval=2, detailed_interval=4)
     want = defaultdict(lambda: defaultdict(list))
     for step in range(4):
-        obs.log_step(step)
         for c in comps:
             p, kept, forced = pruning_inputs(rng, 3, 6, 2)
             obs.observe(c, torch.from_numpy(p), torch.from_numpy(kept), torch.from_numpy(forced))
             for key, values in pruning_expected(c, p, kept, forced).items():
                 want[bucket_of(step, [0, 2, 3])][key].append(values)
-    obs.log_step(4)  # writes the record labelled 2 (steps 1 and 2)
+        obs.log_step(step)
+    assert obs.get_summary()["step"] == 2  # record 2 (steps 1, 2) was written by log_step(3)
+    obs.log_step(4)  # makes 4 due: its record (step 3's values) is written at finalize
     s = obs.get_summary()
     assert s["step"] == 2
     expected = with_overall(want[2], comps, PRUNING_METRICS)
@@ -439,7 +440,6 @@ def test_film_compact_records_hold_element_norm_and_strength_statistics_of_each_
     obs = FiLMObserver(new_session(tmp_path), comps, event_interval=2, detailed_interval=4)
     want = defaultdict(lambda: defaultdict(list))
     for step in STEPS:
-        obs.log_step(step)
         label = bucket_of(step, EVENT_LABELS)
         for i, c in enumerate(comps):
             width = 8 + 4 * i
@@ -454,6 +454,7 @@ def test_film_compact_records_hold_element_norm_and_strength_statistics_of_each_
             for key, v in film_expected(c, gamma, beta).items():
                 want[label][key].append(v)
             want[label][f"{c}/modulation_strength"].append(strength(gamma, beta))
+        obs.log_step(step)
     obs.finalize()
     recs = plain_records(obs.jsonl_path)
     assert [r["step"] for r in recs] == EVENT_LABELS
@@ -466,13 +467,13 @@ def test_film_modulation_strength_pairs_gamma_and_beta_arriving_in_either_order(
     rng = np.random.default_rng(22)
     obs = FiLMObserver(new_session(tmp_path), ["c"], event_interval=1)
     pairs = [(rng.normal(size=(2, 5)), rng.normal(size=(2, 5))) for _ in range(3)]
-    obs.log_step(0)
     (g0, b0), (g1, b1), (g2, b2) = pairs
     obs.observe("c", gamma=torch.from_numpy(g0))
     obs.observe("c", beta=torch.from_numpy(b0))
     obs.observe("c", beta=torch.from_numpy(b1))
     obs.observe("c", gamma=torch.from_numpy(g1))
     obs.observe("c", gamma=torch.from_numpy(g2), beta=torch.from_numpy(b2))
+    obs.log_step(0)
     obs.finalize()
     m = plain_records(obs.jsonl_path)[0]["metrics"]
     want = [strength(g, b) for g, b in pairs]
@@ -484,9 +485,9 @@ def test_film_modulation_strength_pairs_gamma_and_beta_arriving_in_either_order(
 def test_film_gamma_alone_gives_no_modulation_strength(tmp_path):
     obs = FiLMObserver(new_session(tmp_path), ["c"], event_interval=1)
     g = np.random.default_rng(23).normal(size=(3, 4))
+    obs.observe("c", gamma=torch.from_numpy(g))
+    obs.observe("c", gamma=torch.from_numpy(g))
     obs.log_step(0)
-    obs.observe("c", gamma=torch.from_numpy(g))
-    obs.observe("c", gamma=torch.from_numpy(g))
     obs.finalize()
     m = plain_records(obs.jsonl_path)[0]["metrics"]
     assert "c/modulation_strength" not in m and "c/beta" not in m
@@ -504,8 +505,8 @@ def test_film_bfloat16_inputs_with_leading_dims_and_nonfinite_values(tmp_path):
     beta[0, 0, 0] = np.inf
     g_t, g64 = bf16_round(gamma)
     b_t, b64 = bf16_round(beta)
-    obs.log_step(0)
     obs.observe("c", gamma=g_t, beta=b_t)
+    obs.log_step(0)
     obs.finalize()
     m = plain_records(obs.jsonl_path)[0]["metrics"]
     expected = film_expected("c", g64, b64)
@@ -521,7 +522,6 @@ def test_film_overall_norms_combine_every_components_samples(tmp_path):
     comps = ["a", "b", "c"]
     obs = FiLMObserver(new_session(tmp_path), comps, event_interval=1)
     fed = defaultdict(list)
-    obs.log_step(0)
     for i, c in enumerate(comps):
         gamma = rng.normal(i, 1.0, (2 + i, 4))  # different scales and batch sizes
         beta = rng.normal(-i, 0.5, (2 + i, 4))
@@ -529,6 +529,7 @@ def test_film_overall_norms_combine_every_components_samples(tmp_path):
         fed["gamma_norm"].append(np.linalg.norm(gamma, axis=1))
         fed["beta_norm"].append(np.linalg.norm(beta, axis=1))
         fed["modulation_strength"].append(strength(gamma, beta))
+    obs.log_step(0)
     obs.finalize()
     s = obs.get_summary()
     for name in FILM_OVERALL:
@@ -546,7 +547,6 @@ def test_film_histograms_count_gamma_and_beta_elements_of_each_detailed_interval
                        hist_edges=edges)
     want = defaultdict(lambda: defaultdict(list))
     for step in STEPS:
-        obs.log_step(step)
         gamma = rng.normal(0, 0.6, (2, 7))
         beta = rng.normal(0, 0.6, (2, 7))
         if step == 1:
@@ -555,6 +555,7 @@ def test_film_histograms_count_gamma_and_beta_elements_of_each_detailed_interval
         obs.observe("c", gamma=torch.from_numpy(gamma), beta=torch.from_numpy(beta))
         want[bucket_of(step, DETAILED_LABELS)]["gamma"].append(gamma)
         want[bucket_of(step, DETAILED_LABELS)]["beta"].append(beta)
+        obs.log_step(step)
     obs.finalize()
     recs = read_jsonl(obs.detailed_path)
     assert [r["step"] for r in recs] == DETAILED_LABELS
@@ -570,8 +571,8 @@ def test_film_histograms_count_gamma_and_beta_elements_of_each_detailed_interval
 def test_film_default_histogram_edges_are_the_multiples_of_a_twentieth(tmp_path):
     obs = FiLMObserver(new_session(tmp_path), ["c"], event_interval=1, detailed_interval=1)
     gamma = np.array([[0.1, 0.3, -0.2, -0.45]])
-    obs.log_step(0)
     obs.observe("c", gamma=torch.from_numpy(gamma))
+    obs.log_step(0)
     obs.finalize()
     hist = read_jsonl(obs.detailed_path)[0]["histograms"]["c/gamma"]
     edges = [k / 20 for k in range(-20, 21)]
@@ -602,7 +603,6 @@ def test_moe_weights_dominant_share_and_entropy_match_a_float64_softmax_of_the_l
                             detailed_interval=4)
     want = defaultdict(lambda: defaultdict(list))
     for step in STEPS:
-        obs.log_step(step)
         logits = rng.normal(0.0, 2.0, (5, 3)).astype(np.float32)
         if step % 2:
             t, logits64 = bf16_round(logits)
@@ -611,6 +611,7 @@ def test_moe_weights_dominant_share_and_entropy_match_a_float64_softmax_of_the_l
         obs.observe_logits(t)
         for key, v in moe_expected(experts, softmax64(logits64)).items():
             want[bucket_of(step, EVENT_LABELS)][key].append(v)
+        obs.log_step(step)
     obs.finalize()
     recs = plain_records(obs.jsonl_path)
     assert [r["step"] for r in recs] == EVENT_LABELS
@@ -626,8 +627,8 @@ def test_moe_logits_with_leading_dims_are_routed_per_row(tmp_path):
     rng = np.random.default_rng(32)
     obs = MoERouterObserver(new_session(tmp_path), ["a", "b"], event_interval=1)
     logits = rng.normal(size=(2, 3, 2))
-    obs.log_step(0)
     obs.observe_logits(torch.from_numpy(logits))
+    obs.log_step(0)
     obs.finalize()
     m = plain_records(obs.jsonl_path)[0]["metrics"]
     check_record(m, {k: [v] for k, v in moe_expected(["a", "b"],
@@ -641,10 +642,10 @@ def test_repeated_steps_of_gradient_accumulation_feed_the_record_of_that_step(tm
     want = defaultdict(list)
     for step in STEPS:
         for _ in range(3):  # three micro-batches per optimizer step
-            obs.log_step(step)
             w = rng.dirichlet([1.0, 1.0], size=2)
             obs.observe_weights(torch.from_numpy(w))
             want[bucket_of(step, labels)].append(w[:, 0])
+            obs.log_step(step)
         if step == 2:
             assert plain_records(obs.jsonl_path)[-1]["step"] == 0  # 2 waits for step 3
     obs.finalize()
@@ -657,8 +658,8 @@ def test_repeated_steps_of_gradient_accumulation_feed_the_record_of_that_step(tm
 
 def test_moe_a_row_of_nan_weights_counts_as_no_experts_dominance(tmp_path):
     obs = MoERouterObserver(new_session(tmp_path), ["dino", "siglip"], event_interval=1)
-    obs.log_step(0)
     obs.observe_logits(torch.tensor([[float("nan"), 0.0], [0.0, 1.0]]))
+    obs.log_step(0)
     obs.finalize()
     m = plain_records(obs.jsonl_path)[0]["metrics"]
     assert m["dino_weight"]["count"] == 1 and m["dino_weight"]["nonfinite"] == 1
@@ -670,8 +671,8 @@ def test_moe_dominant_ties_go_to_the_first_expert(tmp_path):
     obs = MoERouterObserver(new_session(tmp_path), ["a", "b", "c"], event_interval=1)
     w = np.array([[0.4, 0.4, 0.2], [0.25, 0.375, 0.375], [1 / 3, 1 / 3, 1 / 3],
                   [0.0, 0.5, 0.5], [0.1, 0.2, 0.7]])
-    obs.log_step(0)
     obs.observe_weights(torch.from_numpy(w))
+    obs.log_step(0)
     obs.finalize()
     m = plain_records(obs.jsonl_path)[0]["metrics"]
     assert_matches(m["a_dominant"], reference_stats([[1, 0, 1, 0, 0]]))
@@ -689,13 +690,13 @@ def test_moe_weight_histograms_count_each_experts_weights(tmp_path):
     want = defaultdict(list)
     labels = [0, 4, 6]  # step 5 is no label here: it belongs to the record at finalize
     for step in STEPS:
-        obs.log_step(step)
         logits = rng.normal(0, 3, (4, 2))
         obs.observe_logits(torch.from_numpy(logits))
         want[bucket_of(step, labels)].append(softmax64(logits))
-    obs.log_step(6)
+        obs.log_step(step)
     obs.observe_weights(torch.tensor([[0.5, 0.5], [1.0, 0.0]], dtype=torch.float64))
     want[6].append(np.array([[0.5, 0.5], [1.0, 0.0]]))
+    obs.log_step(6)
     obs.finalize()
     recs = read_jsonl(obs.detailed_path)
     assert [r["step"] for r in recs] == labels
@@ -716,9 +717,9 @@ def test_moe_collapse_alert_fires_once_after_patience_records_and_rearms_below_t
     labels = [0] + [2 * i for i in range(1, len(per_record))]
     steps = list(range(labels[-1] + 1))
     for step in steps:
-        obs.log_step(step)
         w = per_record[labels.index(bucket_of(step, labels))]
         obs.observe_weights(torch.tensor([[w, 1 - w]] * 3, dtype=torch.float64))
+        obs.log_step(step)
     obs.finalize()
     lines = read_jsonl(obs.jsonl_path)
     # runs above 0.9: records 2-5 (alert at the 2nd: label 6), 7-9 (alert at label 16);
@@ -792,7 +793,6 @@ def test_aggregation_counts_tokens_and_compression_once_per_sample_of_each_call(
     want = defaultdict(lambda: defaultdict(list))
     plan = {"dino": (256, 64), "siglip": (729, 81)}
     for step in STEPS:
-        obs.log_step(step)
         label = bucket_of(step, EVENT_LABELS)
         for enc in encs:
             tin, tout = plan[enc]
@@ -803,6 +803,7 @@ def test_aggregation_counts_tokens_and_compression_once_per_sample_of_each_call(
             want[label][f"{enc}/tokens_out"].append(np.full(batch, float(tout)))
             ratio = tin / tout if tout else np.nan
             want[label][f"{enc}/compression_ratio"].append(np.full(batch, ratio))
+        obs.log_step(step)
     obs.finalize()
     recs = plain_records(obs.jsonl_path)
     assert [r["step"] for r in recs] == EVENT_LABELS
@@ -825,7 +826,6 @@ def test_aggregation_token_cosine_is_the_mean_off_diagonal_cosine_of_the_k_token
                               detailed_interval=4)
     want = defaultdict(lambda: defaultdict(list))
     for step in STEPS:
-        obs.log_step(step)
         label = bucket_of(step, DETAILED_LABELS)
         for i, enc in enumerate(encs):
             tokens = (rng.normal(size=(3, 4 + i, 6)) + rng.normal(size=(3, 1, 6))).astype(
@@ -836,6 +836,7 @@ def test_aggregation_token_cosine_is_the_mean_off_diagonal_cosine_of_the_k_token
                 t, tokens64 = torch.from_numpy(tokens), tokens.astype(np.float64)
             obs.observe(enc, 100, tokens.shape[1], 3, tokens=t)
             want[label][f"{enc}/token_cosine"].append(mean_offdiag_cosine(tokens64))
+        obs.log_step(step)
     obs.finalize()
     recs = read_jsonl(obs.detailed_path)
     assert [r["step"] for r in recs] == DETAILED_LABELS
@@ -850,10 +851,10 @@ def test_aggregation_token_cosine_is_one_for_identical_tokens_and_zero_for_ortho
                               detailed_interval=1)
     same = np.tile(np.array([1.0, 2.0, -1.0]), (1, 4, 1))       # 4 equal tokens
     ortho = np.eye(3)[None]                                       # 3 orthogonal tokens
-    obs.log_step(0)
     obs.observe("e", 10, 4, 1, tokens=torch.from_numpy(same))
     obs.observe("e", 10, 3, 1, tokens=torch.from_numpy(ortho))
     obs.observe("e", 10, 1, 2, tokens=torch.ones(2, 1, 3))      # K = 1: no pair, no sample
+    obs.log_step(0)
     obs.finalize()
     got = read_jsonl(obs.detailed_path)[0]["metrics"]["e/token_cosine"]
     assert_matches(got, reference_stats([[1.0, 0.0]]))
@@ -904,8 +905,8 @@ def test_every_record_carries_step_time_world_size_and_full_value_objects(tmp_pa
     assert obs.jsonl_path == tmp_path / "run" / f"{part}_logs" / "r.jsonl"
     assert obs.detailed_path == tmp_path / "run" / f"{part}_logs" / "r_detailed.jsonl"
     for step in STEPS:
-        obs.log_step(step)
         feed(obs, rng)
+        obs.log_step(step)
     obs.finalize()
     for path, labels in ((obs.jsonl_path, EVENT_LABELS), (obs.detailed_path, DETAILED_LABELS)):
         recs = read_jsonl(path)
@@ -928,8 +929,8 @@ def test_finalize_writes_a_completed_summary_once_and_a_second_call_writes_nothi
     obs = make(new_session(tmp_path))
     assert not obs.summary_path.exists()
     for step in range(3):
-        obs.log_step(step)
         feed(obs, rng)
+        obs.log_step(step)
     path = obs.finalize()
     assert path == str(tmp_path / "run" / f"{part}_logs" / "r_summary.json")
     summary = json.loads(obs.summary_path.read_text())
@@ -949,8 +950,8 @@ def test_finalize_writes_a_completed_summary_once_and_a_second_call_writes_nothi
 def test_summary_file_keeps_first_last_min_max_of_the_record_means(tmp_path):
     obs = AggregationObserver(new_session(tmp_path), ["e"], event_interval=1)
     for step, tokens_in in enumerate([64, 16, 128, 32]):
-        obs.log_step(step)
         obs.observe("e", tokens_in, 16, 2)
+        obs.log_step(step)
     obs.finalize()
     entry = json.loads(obs.summary_path.read_text())["metrics"]["events"]["e/compression_ratio"]
     assert (entry["first"], entry["last"], entry["min"], entry["max"]) == (4.0, 2.0, 1.0, 8.0)
@@ -963,9 +964,9 @@ def test_two_observers_of_one_session_write_their_own_files_at_the_same_steps(tm
     lfp = PruningObserver(session, ["c"], event_interval=2, detailed_interval=4)
     moe = MoERouterObserver(session, ["a", "b"], event_interval=3, detailed_interval=4)
     for step in STEPS:
-        lfp.log_step(step)  # one session: either observer's log_step advances both
         feed_pruning(lfp, rng)
         feed_moe(moe, rng)
+        lfp.log_step(step)  # one session: either observer's log_step advances both
     lfp.finalize()
     moe.finalize()
     assert [r["step"] for r in read_jsonl(lfp.jsonl_path)] == EVENT_LABELS
@@ -984,10 +985,10 @@ def test_a_forward_recomputed_by_activation_checkpointing_is_not_counted_twice(t
     moe = MoERouterObserver(session, ["a", "b"], event_interval=1)
     router = torch.nn.Linear(3, 2)
     moe.hook(router, lambda m, a, k, out: moe.observe_logits(out), name="router")
-    moe.log_step(0)
     x = torch.randn(4, 3, requires_grad=True)
     for use_reentrant in (True, False):
         checkpoint(router, x, use_reentrant=use_reentrant).sum().backward()
+    moe.log_step(0)
     moe.finalize()
     rec = read_jsonl(moe.jsonl_path)[0]
     assert rec["metrics"]["a_weight"]["count"] == 8  # two forwards of 4 samples
@@ -1023,9 +1024,9 @@ def test_a_tensor_changed_in_place_after_its_hook_is_dropped_with_one_warning(tm
     gamma = torch.ones(2, 4)
     obs.observe("c", gamma=gamma)
     gamma.add_(1.0)  # the model changed it before the statistics were computed
-    obs.log_step(0)
     with pytest.warns(RuntimeWarning, match="modified in place"):
-        obs.finalize()
+        obs.log_step(0)  # the step call computes the deferred statistics
+    obs.finalize()
     assert obs.last_metrics.get("c/gamma", {"count": 0})["count"] == 0
     assert json.loads(obs.summary_path.read_text())["hook_errors"] == 1
 
@@ -1038,11 +1039,11 @@ def test_pruning_calls_of_one_pass_batched_equal_the_calls_made_one_by_one(tmp_p
     for name, one_by_one in (("batched", False), ("single", True)):
         obs = PruningObserver(new_session(tmp_path, name), comps, event_interval=1,
                               detailed_interval=1)
-        obs.log_step(0)
         for c, (p, kept, forced) in zip(comps, inputs):
             obs.observe(c, torch.from_numpy(p), torch.from_numpy(kept), torch.from_numpy(forced))
             if one_by_one:
                 obs.drain()  # statistics of this call alone (overlap then needs the pass)
+        obs.log_step(0)
         obs.finalize()
         results.append([plain_records(obs.jsonl_path), plain_records(obs.detailed_path)])
     (batched, batched_detailed), (single, single_detailed) = results
