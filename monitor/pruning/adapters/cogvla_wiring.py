@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +149,7 @@ def llm_layers(root: torch.nn.Module) -> tuple[Sequence[torch.nn.Module], object
         for path in ("model.layers", "layers"):
             layers = get_path(owner, path)
             if isinstance(layers, torch.nn.ModuleList):
-                return layers, getattr(owner, "config", None)
+                return list(layers), getattr(owner, "config", None)
     return [], None
 
 
@@ -186,7 +187,8 @@ class CogVLALfpAdapter:
         if targets is None:
             targets = [i for i, layer in enumerate(layers) if hasattr(layer, "router_factor")]
             how = "layers with a router_factor"
-        chosen, missing = [], []
+        chosen: list[int] = []
+        missing: list[int] = []
         for idx in targets:
             layer = layers[idx] if 0 <= idx < len(layers) else None
             ok = layer is not None and isinstance(getattr(layer, "router", None),
@@ -194,13 +196,14 @@ class CogVLALfpAdapter:
             (chosen if ok else missing).append(idx)
         comps = [f"layer_{idx:02d}" for idx in chosen]
         self.observer.add_components(comps)
-        for idx, comp in zip(chosen, comps):
-            layer = layers[idx]
-            self.observer.hook(layer.router, self._hook(layer, comp), name=f"{comp}.router")
+        lfp_layers: list[Any] = [layers[idx] for idx in chosen]  # routers checked above
+        for lfp_layer, comp in zip(lfp_layers, comps):
+            self.observer.hook(lfp_layer.router, self._hook(lfp_layer, comp),
+                               name=f"{comp}.router")
         self.observer.describe(
             layers=chosen, layers_from=how, missing_layers=missing,
-            router_factor={c: float(layers[i].router_factor) for i, c in zip(chosen, comps)},
-            modules=[path_of(root, layers[i].router) for i in chosen])
+            router_factor={c: float(lay.router_factor) for lay, c in zip(lfp_layers, comps)},
+            modules=[path_of(root, lay.router) for lay in lfp_layers])
         return len(chosen)
 
     def _hook(self, layer: torch.nn.Module, component: str):
@@ -319,9 +322,10 @@ class CogVLAFiLMAdapter:
                 comp = f"{name}/layer_{i:02d}"
                 if i == len(blocks) - 1:
                     sampled_dead.append(comp)
+                block: Any = blocks[i]
                 self.observer.add_components([comp])
-                self.observer.hook(blocks[i].scale, self._hook(comp, "gamma"), name=f"{comp}.scale")
-                self.observer.hook(blocks[i].shift, self._hook(comp, "beta"), name=f"{comp}.shift")
+                self.observer.hook(block.scale, self._hook(comp, "gamma"), name=f"{comp}.scale")
+                self.observer.hook(block.shift, self._hook(comp, "beta"), name=f"{comp}.shift")
                 hooks += 2
         depths = ", ".join(f"{n} {e['blocks']}" for n, e in encoders.items())
         if encoders and not hooks:
