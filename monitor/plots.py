@@ -171,7 +171,7 @@ def plot_moe(plt, run: RunLog, path: Path) -> Path | None:
 
 PART_PLOTS = {"train": plot_train, "lfp": plot_lfp, "film": plot_film, "moe": plot_moe}
 
-COMPARED = [  # (file, part, [(key, mode)])
+COMPARED: list[tuple[str, str, list[tuple[str, str | None]]]] = [  # (file, part, [(key, mode)])
     ("compare_train.png", "train", [("loss", "train"), ("lr", "train")]),
     ("compare_lfp.png", "lfp", [("overall/p_keep", None), ("overall/margin", None)]),
     ("compare_film.png", "film", [("overall/gamma_norm", None), ("overall/beta_norm", None),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +140,7 @@ def film_blocks(vit: torch.nn.Module) -> list[torch.nn.Module | None]:
             for b in blocks]
 
 
-def llm_layers(root: torch.nn.Module) -> tuple[Sequence[torch.nn.Module], object]:
+def llm_layers(root: torch.nn.Module) -> tuple[list[Any], object]:
     """The decoder layers and the language model's config (``lfp_target_layers``), under
     the VLA (``R.language_model``) or under ``root`` itself (a bare causal LM or model)."""
     for owner in (getattr(root, "language_model", None), root):
@@ -148,7 +149,7 @@ def llm_layers(root: torch.nn.Module) -> tuple[Sequence[torch.nn.Module], object
         for path in ("model.layers", "layers"):
             layers = get_path(owner, path)
             if isinstance(layers, torch.nn.ModuleList):
-                return layers, getattr(owner, "config", None)
+                return list(layers), getattr(owner, "config", None)
     return [], None
 
 
@@ -186,7 +187,8 @@ class CogVLALfpAdapter:
         if targets is None:
             targets = [i for i, layer in enumerate(layers) if hasattr(layer, "router_factor")]
             how = "layers with a router_factor"
-        chosen, missing = [], []
+        chosen: list[int] = []
+        missing: list[int] = []
         for idx in targets:
             layer = layers[idx] if 0 <= idx < len(layers) else None
             ok = layer is not None and isinstance(getattr(layer, "router", None),
@@ -316,12 +318,16 @@ class CogVLAFiLMAdapter:
                 if not 0 <= i < len(blocks) or blocks[i] is None:
                     skipped.append(f"{name}/layer_{i:02d}")
                     continue
+                block = blocks[i]
+                assert block is not None  # checked above
                 comp = f"{name}/layer_{i:02d}"
                 if i == len(blocks) - 1:
                     sampled_dead.append(comp)
                 self.observer.add_components([comp])
-                self.observer.hook(blocks[i].scale, self._hook(comp, "gamma"), name=f"{comp}.scale")
-                self.observer.hook(blocks[i].shift, self._hook(comp, "beta"), name=f"{comp}.shift")
+                scale, shift = block.scale, block.shift
+                assert isinstance(scale, torch.nn.Module) and isinstance(shift, torch.nn.Module)
+                self.observer.hook(scale, self._hook(comp, "gamma"), name=f"{comp}.scale")
+                self.observer.hook(shift, self._hook(comp, "beta"), name=f"{comp}.shift")
                 hooks += 2
         depths = ", ".join(f"{n} {e['blocks']}" for n, e in encoders.items())
         if encoders and not hooks:
