@@ -104,14 +104,6 @@ def test_monitor_on_a_shared_session_refuses_integration_arguments(tmp_path):
         Monitor(session=session, tensorboard=True)
 
 
-def test_first_step_is_the_first_step_this_process_saw(tmp_path):
-    mon = Monitor(run_dir=tmp_path / "r", run_id="r", log_interval=5, console=False)
-    assert mon.session.first_step is None
-    train_steps(mon, range(7, 9))
-    assert mon.session.first_step == 7 and mon.session.scheduler.first_step == 7
-    mon.finalize()
-
-
 def test_observer_records_and_alerts_reach_listeners_with_their_part(tmp_path, monkeypatch):
     rec = Recorder()
     real_init = MonitorSession.__init__

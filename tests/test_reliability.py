@@ -209,6 +209,13 @@ def test_first_step_is_the_schedulers_first_step(tmp_path):
     session.scheduler.advance(41)
     assert session.first_step == session.scheduler.first_step == 40
     session.close()
+    mon = Monitor(run_dir=tmp_path / "m", run_id="m", log_interval=5, console=False)
+    assert mon.session.first_step is None
+    for step in range(7, 9):  # a resumed run starts at a later step
+        with mon.step(step) as h:
+            h.log(loss=1.0)
+    assert mon.session.first_step == mon.session.scheduler.first_step == 7
+    mon.finalize()
 
 
 # -- 4. non-finite values ---------------------------------------------------------------
@@ -286,17 +293,30 @@ def test_nonfinite_values_anywhere_are_counted_alerted_once_and_training_goes_on
     ({"monitor_log_interval": 0}, ValueError, "monitor_log_interval must be > 0, got 0"),
     ({"pruning_event_log_interval": -3}, ValueError, "pruning_event_log_interval must be > 0"),
     ({"detailed_log_interval": 2.5}, TypeError, "detailed_log_interval must be a Python int"),
-    ({"film_sample_layers": [0, -1]}, ValueError, "film_sample_layers must be >= 0, got -1"),
-])
+    ({"detailed_log_interval": -5}, ValueError, "detailed_log_interval must be > 0"),
+    ({"pruning_event_log_interval": 2.5}, TypeError, "pruning_event_log_interval must be"),
+    ({"film_sample_layers": [0, 0]}, ValueError, "duplicates"),
+    ({"film_sample_layers": "0,9"}, TypeError, "list of ints"),
+    ({"film_sample_layers": [0.5]}, TypeError, "must hold ints"),
+    ({"film_sample_layers": []}, ValueError, "at least one block"),
+    ({"moe_collapse_threshold": "0.9"}, TypeError, "moe_collapse_threshold must be a number"),
+    ({"enable_lfp_monitor": "yes"}, TypeError, "enable_lfp_monitor must be a bool"),
+    ({"moe_collapse_threshold": 1.5}, ValueError, "moe_collapse_threshold must be in"),
+])  # the facade's settings, each checked once where it is owned
 def test_bad_config_is_refused_naming_the_field(bad, error, match):
     with pytest.raises(error, match=match):
         cogvla_cfg(**bad)
 
 
-@pytest.mark.parametrize("run_id", ["a/b", "..", "x/../y", "a\\b", "a\0b"])
-def test_a_run_id_that_is_not_one_path_component_is_refused(tmp_path, run_id):
-    with pytest.raises(ValueError, match="run_id must not contain"):
-        CogVLAMonitoring(run_dir=tmp_path / "r", run_id=run_id)
+@pytest.mark.parametrize("build", [Monitor, CogVLAMonitoring])
+@pytest.mark.parametrize("run_id, match", [
+    ("a/b", "must not contain"), ("..", "must not contain"), ("../x", "must not contain"),
+    ("x/../y", "must not contain"), ("a\\b", "must not contain"), ("a\0b", "must not contain"),
+    ("", "run_id must be a non-empty string"),
+])
+def test_a_run_id_that_is_not_one_path_component_is_refused(tmp_path, build, run_id, match):
+    with pytest.raises(ValueError, match=match):
+        build(run_dir=tmp_path / "r", run_id=run_id)
     assert list(tmp_path.iterdir()) == []
 
 

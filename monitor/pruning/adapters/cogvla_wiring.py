@@ -140,7 +140,7 @@ def film_blocks(vit: torch.nn.Module) -> list[torch.nn.Module | None]:
             for b in blocks]
 
 
-def llm_layers(root: torch.nn.Module) -> tuple[list[Any], object]:
+def llm_layers(root: torch.nn.Module) -> tuple[Sequence[torch.nn.Module], object]:
     """The decoder layers and the language model's config (``lfp_target_layers``), under
     the VLA (``R.language_model``) or under ``root`` itself (a bare causal LM or model)."""
     for owner in (getattr(root, "language_model", None), root):
@@ -196,13 +196,14 @@ class CogVLALfpAdapter:
             (chosen if ok else missing).append(idx)
         comps = [f"layer_{idx:02d}" for idx in chosen]
         self.observer.add_components(comps)
-        for idx, comp in zip(chosen, comps):
-            layer = layers[idx]
-            self.observer.hook(layer.router, self._hook(layer, comp), name=f"{comp}.router")
+        lfp_layers: list[Any] = [layers[idx] for idx in chosen]  # routers checked above
+        for lfp_layer, comp in zip(lfp_layers, comps):
+            self.observer.hook(lfp_layer.router, self._hook(lfp_layer, comp),
+                               name=f"{comp}.router")
         self.observer.describe(
             layers=chosen, layers_from=how, missing_layers=missing,
-            router_factor={c: float(layers[i].router_factor) for i, c in zip(chosen, comps)},
-            modules=[path_of(root, layers[i].router) for i in chosen])
+            router_factor={c: float(lay.router_factor) for lay, c in zip(lfp_layers, comps)},
+            modules=[path_of(root, lay.router) for lay in lfp_layers])
         return len(chosen)
 
     def _hook(self, layer: torch.nn.Module, component: str):
@@ -318,16 +319,13 @@ class CogVLAFiLMAdapter:
                 if not 0 <= i < len(blocks) or blocks[i] is None:
                     skipped.append(f"{name}/layer_{i:02d}")
                     continue
-                block = blocks[i]
-                assert block is not None  # checked above
                 comp = f"{name}/layer_{i:02d}"
                 if i == len(blocks) - 1:
                     sampled_dead.append(comp)
+                block: Any = blocks[i]
                 self.observer.add_components([comp])
-                scale, shift = block.scale, block.shift
-                assert isinstance(scale, torch.nn.Module) and isinstance(shift, torch.nn.Module)
-                self.observer.hook(scale, self._hook(comp, "gamma"), name=f"{comp}.scale")
-                self.observer.hook(shift, self._hook(comp, "beta"), name=f"{comp}.shift")
+                self.observer.hook(block.scale, self._hook(comp, "gamma"), name=f"{comp}.scale")
+                self.observer.hook(block.shift, self._hook(comp, "beta"), name=f"{comp}.shift")
                 hooks += 2
         depths = ", ".join(f"{n} {e['blocks']}" for n, e in encoders.items())
         if encoders and not hooks:
