@@ -29,9 +29,10 @@ twice (hooks skip while a backward pass runs).
 Hooks are cheap because most of the arithmetic is batched: an observer *defers* what a
 hook gives it (:meth:`Observer.defer`: a copy or a reference, no kernel beyond that) and
 computes the statistics of every deferred call at once, stacked, in :meth:`Observer.drain`.
-A drain happens when a key comes back (the next forward pass), before this observer's rows
-are taken at a flush, and at finalize; so at most one forward pass is ever held, and a
-record holds exactly the calls made before its flush.
+A drain happens when a key comes back (the next forward pass), and before each step call
+switches or reads this observer's slot buffers (:class:`monitor.streams.SlotStream`); so
+at most one forward pass is ever held, and a record holds exactly the forwards its step
+calls labelled (``log_step(s)`` after the forward: see :meth:`Observer.log_step`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ from monitor.part import PartWriter
 from monitor.records import metrics_of, record
 from monitor.schedule import check_step
 from monitor.session import MonitorSession
-from monitor.slots import StatSlots
-from monitor.streams import Stream
+from monitor.streams import SlotStream
 
 HIST_SEP = "#"
 """Histogram bins are slots named ``{metric}#{bin}``."""
@@ -76,19 +76,11 @@ def joined_names(groups: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
     return joined
 
 
-class _ObserverStream(Stream):
+class _ObserverStream(SlotStream):
     def __init__(self, observer: Observer, kind: str, interval: int, interval_name: str) -> None:
         group = observer.part if kind == "events" else f"{observer.part}/{kind}"
-        super().__init__(group, interval, interval_name)
+        super().__init__(group, interval, interval_name, drain=observer.drain)
         self.observer, self.kind = observer, kind
-        self.slots = StatSlots()
-
-    def take_rows(self, device):
-        self.observer.drain()
-        order = self.slots.names
-        rows = self.slots.local_rows(order, device)
-        self.slots.reset()
-        return order, rows
 
     def emit(self, step, names, rows, note=None) -> None:
         self.slots.declare(names)  # adopt the union so the next flush takes the fast path
@@ -293,7 +285,13 @@ class Observer:
     # -- steps and records ----------------------------------------------------------------
 
     def log_step(self, step: int) -> None:
-        """The run is at optimizer step ``step`` (repeat it under gradient accumulation)."""
+        """Label what the hooks saw since the previous call as optimizer step ``step``.
+
+        Call it after each micro-batch's forward (and backward), repeating ``step`` under
+        gradient accumulation. A compact record is written at the first call with a later
+        step than the step it is due at (so that every micro-batch of that step is in it),
+        and :meth:`get_summary` reflects the last record written (``last_step``).
+        """
         step = check_step(step)
         if not self._finalized:
             self.session.log_step(step)

@@ -1,4 +1,9 @@
-"""The report's figures (matplotlib, given by ``monitor.report``): one function per part."""
+"""The report's figures (matplotlib, given by ``monitor.report``): one function per part.
+
+An alert is drawn as a dashed red line at its step only on the panel of its own metric
+(a ``nonfinite`` alert's ``metric``; an ``expert_collapse`` alert's ``{expert}_weight``),
+labelled ``alert: {metric}`` in that panel's legend.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,29 @@ from monitor.readback import PartLog, RunLog
 ALERT_STYLE = {"color": "tab:red", "linestyle": "--", "linewidth": 1.0, "alpha": 0.7}
 
 
-def _mark_alerts(ax, run: RunLog) -> None:
-    for i, alert in enumerate(run.alerts):
-        ax.axvline(alert["step"], label="alert" if i == 0 else None, **ALERT_STYLE)
+def alert_metric(alert: dict) -> str | None:
+    """The metric an alert record is about (None when it names none)."""
+    body = alert.get("alert", {})
+    if body.get("type") == "expert_collapse" and body.get("expert"):
+        return f"{body['expert']}_weight"
+    return body.get("metric")
+
+
+def shows(metric: str, panel: tuple[str, ...]) -> bool:
+    """Whether a panel plotting ``panel``'s metrics (a per-component panel plots every
+    ``{component}/{m}``) shows ``metric``."""
+    return any(metric == m or metric.endswith(f"/{m}") for m in panel)
+
+
+def _mark_alerts(ax, run: RunLog, part: str, panel: tuple[str, ...]) -> None:
+    labelled = set()
+    for alert in run.alerts:
+        metric = alert_metric(alert)
+        if alert.get("part") != part or metric is None or not shows(metric, panel):
+            continue
+        ax.axvline(alert["step"], label=None if metric in labelled else f"alert: {metric}",
+                   **ALERT_STYLE)
+        labelled.add(metric)
 
 
 def _series(log: PartLog, key: str, stat: str = "mean", mode: str | None = None,
@@ -35,10 +60,11 @@ def _band(ax, log: PartLog, key: str, label: str, mode: str | None = None, **sty
     return True
 
 
-def _finish(plt, fig, axes, run: RunLog, path: Path, title: str, *, legend: bool = True,
-            rect=(0, 0, 1, 1)) -> Path:
-    for ax in axes:
-        _mark_alerts(ax, run)
+def _finish(plt, fig, axes, run: RunLog, path: Path, title: str, *, part: str,
+            panels: list[tuple[str, ...]], legend: bool = True, rect=(0, 0, 1, 1)) -> Path:
+    """``panels[i]``: the metrics ``axes[i]`` plots (where its alerts go)."""
+    for ax, panel in zip(axes, panels, strict=True):
+        _mark_alerts(ax, run, part, panel)
         ax.grid(True, alpha=0.3)
         if legend and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
@@ -66,7 +92,8 @@ def plot_train(plt, run: RunLog, path: Path) -> Path | None:
         ax_lr.plot(steps, lr, marker="o", markersize=3, color="tab:green", label="lr")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax_lr.set_ylabel("learning rate")
-    return _finish(plt, fig, [ax_loss, ax_lr], run, path, "training")
+    return _finish(plt, fig, [ax_loss, ax_lr], run, path, "training", part="train",
+                   panels=[("loss",), ("lr",)])
 
 
 def _per_component(plt, fig, ax, log: PartLog, metric: str, cmap: str,
@@ -101,7 +128,8 @@ def plot_lfp(plt, run: RunLog, path: Path) -> Path | None:
     axes[0].set_title("keep probability of visual tokens (mean per layer)", fontsize=9)
     _per_component(plt, fig, axes[1], log, "margin", "viridis")
     axes[1].set_title("top-k margin: lowest kept minus highest dropped p_keep", fontsize=9)
-    return _finish(plt, fig, list(axes), run, path, "LFP routing")
+    return _finish(plt, fig, list(axes), run, path, "LFP routing", part="lfp",
+                   panels=[("p_keep",), ("margin",)])
 
 
 def plot_film(plt, run: RunLog, path: Path) -> Path | None:
@@ -117,8 +145,8 @@ def plot_film(plt, run: RunLog, path: Path) -> Path | None:
     if handles:  # one legend for the three panels, outside them
         fig.legend(handles, labels, loc="center right", fontsize=7)
         fig.subplots_adjust(right=0.8)
-    return _finish(plt, fig, list(axes), run, path, "FiLM modulation",
-                   legend=False, rect=(0, 0, 0.8, 1))
+    return _finish(plt, fig, list(axes), run, path, "FiLM modulation", part="film",
+                   panels=[(m,) for m in metrics], legend=False, rect=(0, 0, 0.8, 1))
 
 
 def plot_moe(plt, run: RunLog, path: Path) -> Path | None:
@@ -137,12 +165,13 @@ def plot_moe(plt, run: RunLog, path: Path) -> Path | None:
     ax_h.axhline(math.log(n), color="grey", linestyle=":", label=f"maximum, ln {n}")
     ax_h.ticklabel_format(axis="y", useOffset=False)
     ax_h.set_ylabel("entropy (nats)")
-    return _finish(plt, fig, [ax_w, ax_h], run, path, "MoE fusion")
+    return _finish(plt, fig, [ax_w, ax_h], run, path, "MoE fusion", part="moe",
+                   panels=[tuple(weights), ("entropy",)])
 
 
 PART_PLOTS = {"train": plot_train, "lfp": plot_lfp, "film": plot_film, "moe": plot_moe}
 
-COMPARED = [  # (file, part, [(key, mode)])
+COMPARED: list[tuple[str, str, list[tuple[str, str | None]]]] = [  # (file, part, [(key, mode)])
     ("compare_train.png", "train", [("loss", "train"), ("lr", "train")]),
     ("compare_lfp.png", "lfp", [("overall/p_keep", None), ("overall/margin", None)]),
     ("compare_film.png", "film", [("overall/gamma_norm", None), ("overall/beta_norm", None),

@@ -6,6 +6,15 @@ accelerator; tensors are accumulated on their own device with in-place tensor op
 update ever waits for the device (no ``.item()``, no ``.cpu()``, no host-to-device copy).
 At a flush, :meth:`StatSlots.local_rows` folds every device's rows into one matrix on the
 reduction device; :meth:`StatSlots.reset` empties them without freeing memory.
+
+Double buffering (hook-fed streams, see :class:`monitor.streams.SlotStream`): after
+:meth:`StatSlots.split`, updates go to a second set of accumulators (the *next* buffer)
+while :meth:`StatSlots.local_rows` keeps reading the *main* one. :meth:`StatSlots.fold`
+combines the next buffer into the main one (exact moments, on the device, no sync) and
+:meth:`StatSlots.take_main` empties the main buffer after a flush read it and makes the
+next buffer the main one. So a stream can hold the values of the step it is due at apart
+from those of the micro-batch that has just run, until it knows which step that
+micro-batch belongs to.
 """
 
 from __future__ import annotations
@@ -89,6 +98,11 @@ class StatSlots:
     def __init__(self, names: Iterable[str] = ()) -> None:
         self._index: dict[str, int] = {}
         self._acc: dict[torch.device, torch.Tensor] = {}
+        """The main buffer (what a flush reads), one accumulator per device."""
+        self._next: dict[torch.device, torch.Tensor] = {}
+        """The next buffer: where updates go while split (kept empty otherwise)."""
+        self._write = self._acc
+        self._next_dirty = False
         self._index_cache: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
         self._name_index: dict[tuple[torch.device, tuple[str, ...]], torch.Tensor] = {}
         self._order_index: dict[tuple[str, ...], tuple[list, list, dict]] = {}
@@ -102,7 +116,7 @@ class StatSlots:
     @property
     def devices(self) -> set[torch.device]:
         """The devices whose accumulators hold this object's values."""
-        return set(self._acc)
+        return set(self._acc) | set(self._next)
 
     def declare(self, names: Iterable[str]) -> None:
         """Add slots for ``names`` that do not exist yet (host-side bookkeeping only)."""
@@ -133,7 +147,8 @@ class StatSlots:
                 idx.append(row)
                 vals.append(value)
             else:
-                stats.combine_into_(self._acc_on(value.device), row, stats.row_of_samples(value))
+                stats.combine_into_(self._write_on(value.device), row,
+                                    stats.row_of_samples(value))
         for device, (idx, vals) in scalars.items():
             if all(isinstance(v, float) for v in vals):
                 batch = torch.tensor(vals, dtype=stats.DTYPE)
@@ -147,7 +162,7 @@ class StatSlots:
         ``names`` is a tuple the caller keeps (its index tensor is cached per device), with
         no name twice.
         """
-        acc = self._acc_on(rows.device)
+        acc = self._write_on(rows.device)
         key = (rows.device, names)
         index = self._name_index.get(key)
         if index is None:
@@ -182,9 +197,43 @@ class StatSlots:
         return out
 
     def reset(self) -> None:
-        """Empty every slot in place (memory stays allocated: flat across steps)."""
+        """Empty every slot of both buffers in place (memory stays allocated: flat across
+        steps) and end a split."""
+        for acc in (*self._acc.values(), *self._next.values()):
+            stats.reset_rows_(acc)
+        self._write, self._next_dirty = self._acc, False
+
+    # -- double buffering (see the module docstring) -------------------------------------
+
+    @property
+    def is_split(self) -> bool:
+        return self._write is not self._acc
+
+    def split(self) -> None:
+        """From now on, updates go to the next buffer (host bookkeeping only)."""
+        self._write = self._next
+
+    def fold(self) -> None:
+        """Combine the next buffer into the main one and empty it; updates still go to the
+        next buffer. Nothing to do (no kernel) when nothing was written there since."""
+        if not self._next_dirty:
+            return
+        for device, nxt in self._next.items():
+            acc = self._grown(self._acc, device, nxt.shape[0])
+            block = acc[: nxt.shape[0]]
+            block.copy_(stats.combine(block, nxt))
+            stats.reset_rows_(nxt)
+        self._next_dirty = False
+
+    def take_main(self) -> None:
+        """After a flush read the main buffer: empty it, and if split, make the next buffer
+        the main one (updates go there, as before) and end the split."""
         for acc in self._acc.values():
             stats.reset_rows_(acc)
+        if self.is_split:
+            self._acc, self._next = self._next, self._acc
+            self._write = self._acc
+            self._next_dirty = False
 
     # -- internals ---------------------------------------------------------------------
 
@@ -195,19 +244,29 @@ class StatSlots:
             raise KeyError(f"metric {name!r} was not declared; declared: {self.names}") from None
 
     def _acc_on(self, device: torch.device) -> torch.Tensor:
-        acc = self._acc.get(device)
-        needed = len(self._index)
+        """The main buffer's accumulator on ``device`` (what a flush reads)."""
+        return self._grown(self._acc, device, len(self._index))
+
+    def _write_on(self, device: torch.device) -> torch.Tensor:
+        """The accumulator updates go to: the main buffer's, or the next one's when split."""
+        if self._write is self._next:
+            self._next_dirty = True
+        return self._grown(self._write, device, len(self._index))
+
+    @staticmethod
+    def _grown(buffers: dict, device: torch.device, needed: int) -> torch.Tensor:
+        acc = buffers.get(device)
         if acc is None or acc.shape[0] < needed:
             old = 0 if acc is None else acc.shape[0]
             with torch.inference_mode(False):  # a flush resets it in place, outside that mode
                 grown = stats.empty_rows(max(needed, 2 * old), device)
             if acc is not None:
                 grown[:old].copy_(acc)
-            self._acc[device] = acc = grown
+            buffers[device] = acc = grown
         return acc
 
     def _fold_scalars(self, device: torch.device, idx: list[int], batch: torch.Tensor) -> None:
-        acc = self._acc_on(device)
+        acc = self._write_on(device)
         rows = stats.rows_of_scalars(batch.to(device, non_blocking=True))
         start = idx[0]
         if idx == list(range(start, start + len(idx))):

@@ -11,10 +11,11 @@ Usage::
 
 ``log`` never waits for the device: tensors stay on their device, Python numbers on the
 host, until the flush. The record labelled ``s`` holds every value logged since the
-previous record at steps up to and including ``s``; it is written at the exit of step
-``s``'s context, or at the first call with a later step when ``s`` had no context or the
-run has shown gradient accumulation (several train contexts at one step number), and
-``finalize()`` writes whatever is pending. ``mode="eval"``/``"val"``/``"test"`` contexts
+previous record at steps up to and including ``s``; it is written at the first call with
+a later step (every micro-batch of ``s`` is in it then), or already at the exit of step
+``s``'s context once the run has shown that it does not accumulate gradients (a step
+with exactly one train context has ended, and none had several), and ``finalize()``
+writes whatever is pending. ``mode="eval"``/``"val"``/``"test"`` contexts
 write one record at every exit.
 
 Keys emitted in ``monitor_logs/{run_id}.jsonl`` (``metrics`` object):
@@ -155,9 +156,11 @@ class Monitor(FinishesOnExit):
             also starts one (``pip install "monitor[wandb]"``), ``False`` never logs.
         console: a one-line summary through ``logging.getLogger("monitor")`` at each
             train record (rank 0).
+        export_all: TensorBoard/W&B get every value of every record, not the compact
+            export (``monitor.integrations.names``).
         handle_signals: SIGTERM/SIGINT end the run as ``"terminated"`` before the signal
             goes on (see ``MonitorSession``); False leaves signals alone.
-        The last four apply when the monitor builds its own session; with ``session=``,
+        The last five apply when the monitor builds its own session; with ``session=``,
         whoever built it adds integrations (``monitor.integrations.add_integrations``).
 
     ``log()`` and ``step()`` may be called from several threads: every value is counted
@@ -178,20 +181,22 @@ class Monitor(FinishesOnExit):
         tensorboard: bool = False,
         wandb: bool | None = None,
         console: bool = True,
+        export_all: bool = False,
         handle_signals: bool = True,
     ) -> None:
         log_interval = check_positive_int("log_interval", log_interval)
         check_bool("tensorboard", tensorboard)
         check_bool("wandb", wandb, none_ok=True)
         check_bool("console", console)
+        check_bool("export_all", export_all)
         if config is not None and not isinstance(config, Mapping):
             raise TypeError(f"config must be a mapping or None, got {type(config).__name__}")
         train = _ModeStream(self, "train", log_interval)
         self.log_interval = log_interval
         self._owns_session = session is None
-        if session is not None and (tensorboard or wandb):
-            raise ValueError("tensorboard=/wandb= apply to a monitor that builds its own "
-                             "session; with session= call monitor.integrations."
+        if session is not None and (tensorboard or wandb or export_all):
+            raise ValueError("tensorboard=/wandb=/export_all= apply to a monitor that builds "
+                             "its own session; with session= call monitor.integrations."
                              "add_integrations(session, ...) instead")
         if session is None:
             if run_dir is None or run_id is None:
@@ -203,7 +208,8 @@ class Monitor(FinishesOnExit):
                 participation=participation, participation_timeout=participation_timeout,
                 handle_signals=handle_signals,
             )
-            add_integrations(session, tensorboard=tensorboard, wandb=wandb, console=console)
+            add_integrations(session, tensorboard=tensorboard, wandb=wandb, console=console,
+                             export_all=export_all)
         self.session = session
         self.run_id = session.run_id
         self._scheduler = session.scheduler
@@ -219,11 +225,12 @@ class Monitor(FinishesOnExit):
         self._last: int | None = None
         self._finalized = False
         session.on_exit(self.finish, summary=self.writer.write_summary)
-        # Gradient accumulation shows as several train contexts at one step number. Once
-        # the run has shown that, a due record waits for the first call with a later step
-        # (so every micro-batch of the due step is in it) instead of the context's exit.
+        # Gradient accumulation shows as several train contexts at one step number. Until
+        # a step with exactly one has ended (None: not known yet), and once a step had
+        # several (True), a due record waits for the first call with a later step, so
+        # that every micro-batch of the due step is in it, the first record included.
         self._train_contexts_here = 0
-        self._accumulating = False
+        self._accumulating: bool | None = None
 
     @property
     def alerts(self) -> list[dict]:
@@ -263,11 +270,12 @@ class Monitor(FinishesOnExit):
         # Only on a clean exit: a rank that raised must not start a collective alone.
         if mode != "train":
             self._scheduler.flush([stream], mode=mode, step=step)
-        elif self._scheduler.is_due(stream, step) and not self._accumulating:
+        elif self._scheduler.is_due(stream, step) and self._accumulating is False:
             self._scheduler.flush_due(step)
 
     def log_step(self, step: int) -> None:
-        """Tell the monitor the run is at ``step`` (may repeat under gradient accumulation)."""
+        """The run is at ``step``: call it after each micro-batch's forward (it may repeat
+        under gradient accumulation). It writes the records due at earlier steps."""
         step = check_step(step)
         if not self._finalized:
             self._advance(step)
@@ -320,6 +328,8 @@ class Monitor(FinishesOnExit):
     def _advance(self, step: int) -> None:
         with self.session.lock:
             if self._last is not None and step > self._last:
+                if self._train_contexts_here == 1 and self._accumulating is None:
+                    self._accumulating = False
                 self._train_contexts_here = 0
             self._last = step if self._last is None else max(self._last, step)
         self.session.log_step(step)

@@ -1,7 +1,8 @@
 """What the monitor costs: flush, training overhead, host syncs, memory (one table, one JSON).
 
     .venv/bin/python scripts/bench.py                 # every section, a few minutes on 2 cores
-    .venv/bin/python scripts/bench.py --quick         # a smoke run (seconds): small counts
+    .venv/bin/python scripts/bench.py --quick         # a smoke run: the smallest stand-in
+                                                      # and counts (about 20-30 s on 2 cores)
     .venv/bin/python scripts/bench.py --sections flush overhead
     .venv/bin/python scripts/bench.py --sections forensics   # rank fields vs the flush of before
 
@@ -56,7 +57,6 @@ import sys
 import tempfile
 import time
 import tracemalloc
-import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -96,8 +96,9 @@ def _flush_rank(rank: int, world: int, store_path: str, run_dir: str, ks: list[i
         for step in range(warmup + n):
             with mon.step(step) as h:
                 h.log(extra=values)
-                reducing["s"] = 0.0
-                t0 = time.perf_counter()  # the context's exit is the flush
+            reducing["s"] = 0.0
+            t0 = time.perf_counter()
+            mon.log_step(step + 1)  # the first call of the next step writes step's record
             if step >= warmup:
                 times.append(time.perf_counter() - t0)
                 reduce_times.append(reducing["s"])
@@ -250,8 +251,9 @@ def _forensics_rank(rank: int, world: int, store_path: str, run_dir: str, ks: li
                 with mons[name].step(step) as h:
                     # the last flush has a NaN on rank 1 (its record carries nonfinite_ranks)
                     h.log(extra=bad if step == warmup + flushes else values)
-                    reducing["s"] = 0.0
-                    t0, c0 = time.perf_counter(), time.process_time()
+                reducing["s"] = 0.0
+                t0, c0 = time.perf_counter(), time.process_time()
+                mons[name].log_step(step + 1)  # the next step's first call writes the record
                 if warmup <= step < warmup + flushes:
                     times[name].append(time.perf_counter() - t0)
                     cpu_times[name].append(time.process_time() - c0)
@@ -331,9 +333,15 @@ def print_forensics(rows: list[dict]) -> None:
 
 # -- training overhead -----------------------------------------------------------------------
 
+QUICK = False
+"""--quick: the smallest stand-in and counts (a smoke run: every section, every count)."""
+
+
 def bench_config():
     from monitor.testing import TinyCogVLAConfig
 
+    if QUICK:
+        return TinyCogVLAConfig(num_vision_aggr=8, num_images_in_input=2, image_size=16)
     # real: batch 16, 2 images, K = 64 aggregation tokens per image and encoder (128 visual
     # tokens into the LLM), 224 px / 14 = 16 x 16 patches; widths stay toy-sized (CPU)
     return TinyCogVLAConfig(num_vision_aggr=64, num_images_in_input=2, image_size=32)
@@ -377,13 +385,12 @@ class HookTimer:
 
 
 def _train_step(model, opt, batch, mon, step):
-    if mon is not None:
-        mon.log_step(step)
     out = model(**batch)
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if mon is not None:
+        mon.log_step(step)  # after the forward, as the seed guide does
         with mon.step(step, mode="train") as h:
             h.log(loss=out.loss.detach(), lr=opt.param_groups[0]["lr"])
     return out
@@ -403,10 +410,8 @@ def bench_overhead(steps: int, batch_size: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         mon = CogVLAMonitoring(run_dir=f"{tmp}/run", run_id="bench", config_name="bench",
                                cfg=CogVLAMonitoringConfig(participation="local"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # film_sample_layers 26 > DINO's 24 blocks
-            hooks = mon.attach(models[0])
-        warmup = 2
+        hooks = mon.attach(models[0])
+        warmup = 1 if QUICK else 2
         times: dict[str, list[float]] = {"on": [], "off": []}
         hook_ms = []
         for i in range(warmup + steps):
@@ -441,7 +446,7 @@ def bench_overhead(steps: int, batch_size: int, threads: int) -> dict:
         "hook_ms_per_step_median": statistics.median(hook_ms),
         "hook_ms_per_step_mean": statistics.mean(hook_ms),
     }
-    result["real_widths"] = bench_real_width_hooks(threads, batch_size)
+    result["real_widths"] = bench_real_width_hooks(threads, batch_size, 3 if QUICK else 15)
     print_overhead(result)
     return result
 
@@ -577,22 +582,20 @@ def bench_syncs(steps: int, batch_size: int) -> dict:
     model = build_tiny_cogvla(cfg, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = synthetic_batch(cfg, batch_size=batch_size, generator=torch.Generator().manual_seed(0))
-    interval = steps + 1  # the steps in between flush nothing
+    interval = steps + 2  # the steps in between (2 .. steps + 1) flush nothing
     with tempfile.TemporaryDirectory() as tmp:
         mon = CogVLAMonitoring(run_dir=f"{tmp}/run", run_id="syncs", cfg=CogVLAMonitoringConfig(
             participation="local", monitor_log_interval=interval,
             pruning_event_log_interval=interval, detailed_log_interval=interval))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mon.attach(model)
+        mon.attach(model)
         _train_step(model, opt, batch, mon, 0)  # step 0 is due everywhere
-        mon.log_step(1)  # ... and flushed here
+        _train_step(model, opt, batch, mon, 1)  # ... and flushed at step 1's first call
         with HostSyncSpy(only_from="monitor") as between:
-            for step in range(1, steps + 1):
+            for step in range(2, steps + 2):
                 _train_step(model, opt, batch, mon, step)
         with HostSyncSpy(only_from="monitor") as at_flush:
-            mon.log_step(interval)
             _train_step(model, opt, batch, mon, interval)
+            _train_step(model, opt, batch, mon, interval + 1)  # flushes step `interval`
             mon.finalize()
     result = {"steps_between_flushes": steps, "host_syncs_between_flushes": len(between.calls),
               "by_method_between": dict(between.counts),
@@ -698,9 +701,9 @@ def bench_memory(checkpoints: list[int], batch_size: int) -> dict:
         with torch.no_grad():
             for target in [100, *checkpoints]:
                 while step < target:
-                    train.log_step(step)
                     for call in parts.values():
                         call()
+                    train.log_step(step)
                     with train.step(step) as h:
                         h.log(loss=loss, lr=1e-4)
                     step += 1
@@ -755,9 +758,12 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench-results.json"))
     args = p.parse_args()
     if args.quick:
-        args.metrics = [k for k in args.metrics if k <= 100] or [10]
+        global QUICK
+        QUICK = True
+        args.metrics = [k for k in args.metrics if k <= 10] or [10]
         args.forensics_metrics = [k for k in args.forensics_metrics if k <= 100] or [100]
-        args.steps, args.batch_size, args.memory_steps = 2, 2, [200, 400]
+        args.steps, args.batch_size, args.memory_steps = 1, 1, [120, 140]
+        args.threads = 1  # a loaded machine: no thread fights the others
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                "machine": machine(), "time": time.time()}
     sections = {

@@ -78,7 +78,7 @@ def main() -> None:
     )
     monitor = CogVLAMonitoring(run_dir=args.run_dir, run_id=args.run_id,
                                config_name="synthetic-libero", cfg=monitor_cfg)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:  # none with the released settings
         warnings.simplefilter("always")
         counts = monitor.attach(vla)  # after DDP wrapping, as the public script does
     if rank == 0:
@@ -89,9 +89,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own data
     for batch_idx in range(args.steps * args.grad_accumulation):
         step = batch_idx // args.grad_accumulation
-        monitor.log_step(step)  # before the forward: its hooks count toward this step
         out = vla(**synthetic_batch(cfg, batch_size=args.batch_size, generator=gen))
         (out.loss / args.grad_accumulation).backward()
+        monitor.log_step(step)  # after the forward: it labels what the hooks just saw
         last_micro_batch = (batch_idx + 1) % args.grad_accumulation == 0
         grad_norm = None
         if last_micro_batch:

@@ -49,12 +49,12 @@ def public_script(rank, world_size, run_dir, steps, grad_accumulation_steps, mon
         log_step = batch_idx // grad_accumulation_steps
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for observer in observers:
-                observer.log_step(log_step)
             if train_monitor is not None and log_step % wandb_log_freq == 0:
                 with train_monitor.step(log_step, mode="train") as h:
                     h.log(loss=out.loss.detach(), lr=1e-3,
                           extra={"curr_action_l1_loss": out.loss.detach() * 0.5})
+            for observer in observers:
+                observer.log_step(log_step)
         per_batch.append(counter["n"] - before)  # DDP's own all_reduce is not counted
         if (batch_idx + 1) % grad_accumulation_steps == 0:
             opt.step()
@@ -122,11 +122,6 @@ def observers_world(rank, world_size, run_dir, steps, calls_per_step):
         aggr = AggregationObserver(session, ["dino"], event_interval=2, detailed_interval=4)
         per_step = []
         for step in range(steps):
-            before = counter["n"]
-            lfp.log_step(step)
-            for obs in (film, moe, aggr):
-                obs.log_step(step)
-            per_step.append(counter["n"] - before)
             for call in range(calls_per_step):
                 x = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v
                      for k, v in rank_inputs(rank, step, call).items()}
@@ -136,6 +131,11 @@ def observers_world(rank, world_size, run_dir, steps, calls_per_step):
                 film.observe("dino/layer_00", beta=x["beta"])
                 moe.observe_logits(x["logits"])
                 aggr.observe("dino", 256, 4, x["batch"], x["tokens"])
+            before = counter["n"]
+            lfp.log_step(step)  # after the step's calls, as the seed guide does
+            for obs in (film, moe, aggr):
+                obs.log_step(step)
+            per_step.append(counter["n"] - before)
         before = counter["n"]
         for obs in (lfp, film, moe, aggr):
             obs.finalize()
@@ -154,13 +154,15 @@ def observers_that_differ(rank, world_size, run_dir):
         lfp = PruningObserver(session, comps, event_interval=1, detailed_interval=100)
         per_step = []
         for step in range(4):
-            before = counter["n"]
-            lfp.log_step(step)
-            per_step.append(counter["n"] - before)
             for c in comps:
                 p = torch.full((2, 4), 0.25 * (rank + 1), dtype=torch.float64)
                 lfp.observe(c, p, torch.tensor([[True, True, False, False]] * 2))
+            before = counter["n"]
+            lfp.log_step(step)
+            per_step.append(counter["n"] - before)
+        before = counter["n"]
         lfp.finalize()
+        per_step.append(counter["n"] - before)
     finally:
         counter["restore"]()
     return {"per_step": per_step, "calls": counter["calls"]}

@@ -50,9 +50,9 @@ def main(run_dir: str, mode: str, run_id: str = "run") -> None:
     with scope as m:
         step = 0
         while mode == "forever" or step < 8:
-            m.log_step(step)
             with torch.no_grad():
                 out = model(**synthetic_batch(model_cfg, batch_size=1, generator=gen))
+            m.log_step(step)
             with m.step(step) as h:
                 h.log(loss=out.loss, lr=1e-3)
                 if mode.endswith("_inside") and step == CRASH_STEP:

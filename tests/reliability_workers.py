@@ -105,9 +105,9 @@ def facade_disk_fails_on_rank0(rank, world_size, run_dir, steps, fail_from, fail
         for step in range(steps):
             originals = _disk_at(rank, step, fail_from, fail_until, originals)
             before = counter["n"]
-            mon.log_step(step)
             with torch.no_grad():
                 out = model(**synthetic_batch(model_cfg, batch_size=1, generator=gen))
+            mon.log_step(step)
             with mon.step(step) as h:
                 h.log(loss=out.loss)
             deltas.append(counter["n"] - before)

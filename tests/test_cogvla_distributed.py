@@ -30,11 +30,10 @@ def test_public_script_with_the_monitor_on_rank0_only_finishes_and_writes_every_
     assert meta["parts"]["film"]["skipped"] == ["dino/layer_26"]
     train = read_jsonl(run_dir / "monitor_logs" / "cogvla.jsonl")
     assert [r["step"] for r in train] == [0, 2, 4]
-    # rank 0 alone: one loss per train context, `accumulation` contexts per logged step.
-    # Step 0 is written at its first context's exit, before the run has shown gradient
-    # accumulation; its later micro-batches go into the next record (monitor/README.md).
+    # rank 0 alone: one loss per train context, `accumulation` contexts per logged step
+    # (every other step): each record holds exactly its step's, the first included
     counts = [r["metrics"]["loss"]["count"] for r in train]
-    assert counts == ([1, 1, 1] if accumulation == 1 else [1, 3, 2])
+    assert counts == [accumulation] * 3
     for part in PARTS:
         events = read_jsonl(run_dir / f"{part}_logs" / "cogvla.jsonl")
         assert [r["step"] for r in events] == [0, 2, 4], part
@@ -64,10 +63,12 @@ def test_public_script_with_the_monitor_on_every_rank_reduces_both_ranks(tmp_pat
     # 2 ranks x 2 images x batch 2 per forward; the record at step 0 holds one forward
     assert moe[0]["metrics"]["dino_weight"]["count"] == 8
     # Steps 0 and 2 are due for the train monitor and all four observers' compact
-    # streams (step 0 for the detailed ones too): one fused reduction each, at the train
-    # context's exit; finalize reduces what steps 1-2 left in one more.
+    # streams (step 0 for the detailed ones too): one fused reduction each. Step 0's is
+    # made at step 1's first call (step 0 could have had more micro-batches); step 2's at
+    # its train context's exit, the run having shown it does not accumulate; finalize
+    # reduces what step 2's context left in one more.
     for rank_out in out:
-        assert rank_out["collectives"] == [3, 0, 2, 2]  # 2 once the capacity is known
+        assert rank_out["collectives"] == [0, 3, 2, 2]  # 2 once the capacity is known
 
 
 def _reference(world_size, steps, calls, labels):
@@ -149,4 +150,4 @@ def test_ranks_that_declared_different_components_reduce_the_union_without_a_han
         assert m["layer_00/p_keep"]["count"] == 16 and m["layer_00/p_keep"]["mean"] == 0.375
         assert m["layer_01/p_keep"]["count"] == 8 and m["layer_01/p_keep"]["mean"] == 0.5
     for rank_out in out:
-        assert rank_out["per_step"] == [0, 3, 3, 3]
+        assert rank_out["per_step"] == [0, 3, 3, 3, 3]  # the last: finalize

@@ -74,7 +74,8 @@ def test_readme_commands_take_the_demo_to_tensorboard_wandb_offline_and_the_repo
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
     pytest.importorskip("matplotlib")
-    from test_integrations import event_accumulator, wandb_history
+    from test_integrations import event_accumulator
+    from wandb_helpers import wandb_history
 
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
            "WANDB_CONSOLE": "off", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
@@ -83,11 +84,12 @@ def test_readme_commands_take_the_demo_to_tensorboard_wandb_offline_and_the_repo
     check_tree(run_dir, world_size=2, steps=6, extra=("wandb",))
     train = read_jsonl(run_dir / "monitor_logs" / "demo.jsonl")
     loss = [e.value for e in event_accumulator(run_dir / "tensorboard").Scalars(
-        "monitor/train/loss")]
+        "monitor/train/loss/mean")]
     assert loss == [pytest.approx(r["metrics"]["loss"]["mean"]) for r in train]
     (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     rows = wandb_history(run_file)
-    assert [r["monitor/train/loss"] for r in rows if "monitor/train/loss" in r] == [
+    key = "monitor/train/loss/mean"
+    assert [r[key] for r in rows if key in r] == [
         r["metrics"]["loss"]["mean"] for r in train]
     done = subprocess.run([sys.executable, "-m", "monitor", "report", str(run_dir)],
                           capture_output=True, text=True, timeout=120, check=True)

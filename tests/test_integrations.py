@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
-import struct
 import sys
-import time
 import types
 import warnings
 
 import pytest
 import torch
+from wandb_helpers import wandb_history, wandb_offline
 from workers import read_jsonl
 
 from monitor import Monitor, MonitorSession
@@ -55,9 +53,9 @@ def run_cogvla(tmp_path, steps=4, **cfg):
         mon.attach(model)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
-        mon.log_step(step)
         out = model(**synthetic_batch(model_cfg, batch_size=2, generator=gen))
         out.loss.backward()
+        mon.log_step(step)
         with mon.step(step) as h:
             h.log(loss=out.loss.detach(), lr=1e-3 * (1 - step / steps))
     mon.finalize()
@@ -106,14 +104,6 @@ def test_monitor_on_a_shared_session_refuses_integration_arguments(tmp_path):
         Monitor(session=session, tensorboard=True)
 
 
-def test_first_step_is_the_first_step_this_process_saw(tmp_path):
-    mon = Monitor(run_dir=tmp_path / "r", run_id="r", log_interval=5, console=False)
-    assert mon.session.first_step is None
-    train_steps(mon, range(7, 9))
-    assert mon.session.first_step == 7 and mon.session.scheduler.first_step == 7
-    mon.finalize()
-
-
 def test_observer_records_and_alerts_reach_listeners_with_their_part(tmp_path, monkeypatch):
     rec = Recorder()
     real_init = MonitorSession.__init__
@@ -132,24 +122,84 @@ def test_observer_records_and_alerts_reach_listeners_with_their_part(tmp_path, m
     assert ("lfp", "detailed") in kinds and ("train", "train") in kinds
 
 
-def test_flat_names_follow_the_public_scripts_prefixes():
+def test_flat_names_end_in_a_field_and_the_compact_export_sums_nonfinite_counts():
     rec = {"step": 3, "metrics": {"loss": {"mean": 1.0, "std": 0.1, "min": 0.9, "max": 1.2,
                                            "count": 4, "nonfinite": 1},
                                   "lr": {"mean": None, "std": None, "min": None, "max": None,
                                          "count": 0, "nonfinite": 2}}}
     assert dict(names.scalars("train", "eval", rec)) == {
-        "monitor/eval/loss": 1.0, "monitor/eval/loss/std": 0.1, "monitor/eval/loss/min": 0.9,
-        "monitor/eval/loss/max": 1.2, "monitor/eval/loss/nonfinite": 1,
-        "monitor/eval/lr/nonfinite": 2}
+        "monitor/eval/loss/mean": 1.0, "monitor/eval/loss/std": 0.1,
+        "monitor/eval/loss/min": 0.9, "monitor/eval/loss/max": 1.2,
+        "monitor/eval/~record/nonfinite": 3}
+    assert dict(names.scalars("train", "eval", rec, export_all=True)) == {
+        "monitor/eval/loss/mean": 1.0, "monitor/eval/loss/std": 0.1,
+        "monitor/eval/loss/min": 0.9, "monitor/eval/loss/max": 1.2,
+        "monitor/eval/loss/nonfinite": 1, "monitor/eval/lr/nonfinite": 2}
     hist = {"edges": [0.0, 0.5, 1.0], "counts": [1, 2], "below": 0, "above": 3, "nonfinite": 0}
     rec = {"step": 3, "metrics": {"overall/p_keep": {"mean": 0.5}},
-           "histograms": {"layer_08/p_keep": hist, "other": {**hist, "edges": None}}}
-    assert dict(names.scalars("lfp", "detailed", rec)) == {"monitor/lfp/overall/p_keep": 0.5}
-    assert [n for n, _ in names.histograms("lfp", "detailed", rec)] == [
-        "monitor/lfp/layer_08/p_keep/hist"]
+           "histograms": {"layer_08/p_keep": hist, "layer_09/p_keep": hist,
+                          "other": {**hist, "edges": None}}}
+    assert dict(names.scalars("lfp", "detailed", rec)) == {"monitor/lfp/overall/p_keep/mean": 0.5}
+    assert [(n, h["counts"], h["above"]) for n, h in names.histograms("lfp", "detailed", rec)] \
+        == [("monitor/lfp/~layers/p_keep/hist", [2, 4], 6)]  # summed over the layers
+    assert [n for n, _ in names.histograms("lfp", "detailed", rec, export_all=True)] == [
+        "monitor/lfp/layer_08/p_keep/hist", "monitor/lfp/layer_09/p_keep/hist"]
     fields = histogram_fields(hist)
     assert fields["bucket_limits"] == [0.0, 0.5, 1.0, 1.5]
     assert fields["bucket_counts"] == [0, 1, 2, 3] and fields["num"] == 6
+
+
+VALUE = {"mean": 1.0, "std": 0.5, "min": 0.0, "max": 2.0, "count": 4, "nonfinite": 1}
+
+
+@pytest.mark.parametrize("export_all", [False, True])
+def test_no_two_values_share_a_name_whatever_the_metric_names(export_all):
+    """``loss/min`` the metric and ``loss``'s min, ``~`` in a name, names that look like a
+    combination or a per-layer key: every value gets its own name."""
+    keys = ["loss", "loss/min", "loss/min/mean", "loss/mean", "a~b", "a%7Eb", "~layers/x",
+            "~record", "layer_01/x", "layer_02/x", "overall/x", "p/layer_01/q", "step",
+            "x/hist", "x/mean_hist"]
+    rec = {"step": 0, "metrics": {k: dict(VALUE) for k in keys},
+           "histograms": {k: {"edges": [0.0, 1.0], "counts": [1], "below": 0, "above": 0,
+                              "nonfinite": 0} for k in keys}}
+    for part, kind in (("train", "train"), ("lfp", "events")):
+        out = [n for n, _ in names.scalars(part, kind, rec, export_all)]
+        out += [n for n, _ in names.histograms(part, kind, rec, export_all)]
+        out += [n for n, _ in names.layer_profiles(part, kind, rec, export_all)]
+        out.append(names.step_key(part, kind))
+        assert len(out) == len(set(out)), sorted(n for n in out if out.count(n) > 1)
+        assert all(n.rsplit("/", 1)[1] in (*names.FIELDS, names.STEP) for n in out)
+    assert "monitor/train/loss/min/mean" in dict(names.scalars("train", "train", rec))
+    assert "monitor/train/loss/min" in dict(names.scalars("train", "train", rec))
+    assert "monitor/train/a%7Eb/mean" in dict(names.scalars("train", "train", rec))
+
+
+@pytest.mark.parametrize("part", ["eval", "train/x", "~x", ""])
+def test_an_observer_part_that_would_share_names_is_refused(part):
+    with pytest.raises(ValueError, match="observer's part"):
+        names.prefix(part, "events")
+
+
+def test_export_all_writes_every_value_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from monitor.integrations.tensorboard import TensorBoardListener
+
+    session = MonitorSession(tmp_path / "r", "r")
+    rec = {"step": 2, "time": 1.0, "metrics": {f"layer_{i:02d}/p_keep": dict(VALUE)
+                                                for i in range(8, 32)}}
+    rec["metrics"]["overall/p_keep"] = dict(VALUE)
+    for export_all in (False, True):
+        listener = TensorBoardListener(session, export_all=export_all)
+        listener.log_dir = session.files.path(f"tb{int(export_all)}")
+        listener.publish("lfp", "events", rec)
+        listener.close()
+    compact = event_accumulator(tmp_path / "r" / "tb0").Tags()
+    everything = event_accumulator(tmp_path / "r" / "tb1").Tags()
+    assert len(compact["scalars"]) == 5  # overall's 4 fields and the record's nonfinite
+    assert compact["histograms"] == ["monitor/lfp/~layers/p_keep/mean_hist"]
+    assert len(everything["scalars"]) == 25 * 5 and everything["histograms"] == []
+    assert "monitor/lfp/layer_08/p_keep/nonfinite" in everything["scalars"]
+    session.close()
 
 
 # -- TensorBoard ------------------------------------------------------------------------
@@ -168,18 +218,26 @@ def test_tensorboard_events_carry_the_jsonl_values_under_monitor_names(tmp_path)
     ea = event_accumulator(run / "tensorboard")
     tags = ea.Tags()
     train = read_jsonl(run / "monitor_logs" / "r.jsonl")
-    loss = [(e.step, e.value) for e in ea.Scalars("monitor/train/loss")]
+    loss = [(e.step, e.value) for e in ea.Scalars("monitor/train/loss/mean")]
     assert loss == [(r["step"], pytest.approx(r["metrics"]["loss"]["mean"])) for r in train]
     top = [e.value for e in ea.Scalars("monitor/train/loss/max")]
     assert top == [pytest.approx(r["metrics"]["loss"]["max"]) for r in train]
     lfp = [r for r in read_jsonl(run / "lfp_logs" / "r.jsonl")]
-    p_keep = ea.Scalars("monitor/lfp/overall/p_keep")
+    p_keep = ea.Scalars("monitor/lfp/overall/p_keep/mean")
     assert [e.step for e in p_keep] == [r["step"] for r in lfp]
     assert p_keep[-1].value == pytest.approx(lfp[-1]["metrics"]["overall/p_keep"]["mean"])
-    for tag in ("monitor/lfp/layer_08/p_keep/min", "monitor/film/overall/gamma_norm/std",
-                "monitor/moe/entropy", "monitor/aggr/overall/compression_ratio",
-                "monitor/lfp/layer_09/overlap_prev"):
+    for tag in ("monitor/lfp/overall/p_keep/min", "monitor/film/overall/gamma_norm/std",
+                "monitor/moe/entropy/mean", "monitor/aggr/overall/compression_ratio/mean",
+                "monitor/lfp/~layers/overlap_prev/mean",
+                "monitor/film/dino/~layers/gamma_norm/max"):
         assert tag in tags["scalars"], tag
+    assert not [t for t in tags["scalars"] if "layer_0" in t]  # no key per layer
+    assert "monitor/lfp/~layers/p_keep/mean_hist" in tags["histograms"]
+    layer_means = ea.Histograms("monitor/lfp/~layers/p_keep/mean_hist")[-1].histogram_value
+    assert layer_means.num == 24  # one value per LFP layer
+    assert layer_means.min == pytest.approx(
+        min(v["mean"] for k, v in lfp[-1]["metrics"].items() if k.endswith("/p_keep")
+            and k.startswith("layer_")))
     detailed = read_jsonl(run / "moe_logs" / "r_detailed.jsonl")[-1]
     hist = ea.Histograms("monitor/moe/dino_weight/hist")[-1]
     want = detailed["histograms"]["dino_weight"]
@@ -201,7 +259,7 @@ def test_tensorboard_on_resume_hides_the_dead_segments_overlap(tmp_path):
     second.finalize()
     assert len(list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))) == 2
     loss = [(e.step, e.value) for e in
-            event_accumulator(tmp_path / "r" / "tensorboard").Scalars("monitor/train/loss")]
+            event_accumulator(tmp_path / "r" / "tensorboard").Scalars("monitor/train/loss/mean")]
     assert loss == [(0, 1.0), (5, 1.0), (10, 2.0), (15, 2.0), (20, 2.0), (25, 2.0), (30, 2.0)]
 
 
@@ -250,8 +308,8 @@ def test_an_existing_wandb_run_gets_every_record_and_is_not_finished(tmp_path, m
     train_steps(mon, range(5))
     mon.finalize()
     assert [s for s, _ in run.logged] == [0, 2, 4]
-    assert run.logged[1][1]["monitor/train/loss"] == 1.5  # steps 1 and 2
-    assert run.logged[1][1]["monitor/step"] == 2
+    assert run.logged[1][1]["monitor/train/loss/mean"] == 1.5  # steps 1 and 2
+    assert run.logged[1][1]["monitor/train/step"] == 2
     assert not run.finished
 
 
@@ -264,57 +322,6 @@ def test_a_failing_wandb_run_warns_once_and_training_goes_on(tmp_path, monkeypat
     assert len(read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")) == 3
 
 
-def wandb_records(data: bytes):
-    """The ``Record`` protobufs of a ``.wandb`` file's bytes (W&B's leveldb-style log:
-    7-byte file header, 32 KiB blocks, 7-byte chunk headers)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    assert data[:4] == b":W&B"
-    pos, block, buf = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and length == 0:  # block padding
-            pos += left
-            continue
-        buf += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a FULL or LAST chunk ends a record
-            record = pb.Record()
-            record.ParseFromString(buf)
-            buf = b""
-            yield record
-
-
-def wandb_history(run_file, timeout=60.0):
-    """The history rows of an offline run's ``.wandb`` file, once W&B wrote its exit
-    record: W&B's service writes the file after ``finish()`` returns (seen: 1 run in 15
-    still held only the header). Waits at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        records = list(wandb_records(run_file.read_bytes()))
-        if records and records[-1].WhichOneof("record_type") == "exit":
-            break
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{run_file}: no exit record after {timeout:g} s")
-        time.sleep(0.1)
-    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
-             for item in r.history.item}
-            for r in records if r.WhichOneof("record_type") == "history"]
-
-
-def wandb_offline(tmp_path, monkeypatch):
-    """W&B in offline mode, its files and config under tmp_path: no network, no home dir."""
-    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
-                       "WANDB_DISABLE_GIT": "true", "WANDB_CONSOLE": "off",
-                       "WANDB_CONFIG_DIR": str(tmp_path / "cfg"),
-                       "WANDB_CACHE_DIR": str(tmp_path / "cache")}.items():
-        monkeypatch.setenv(key, value)
-
-
 def test_wandb_offline_run_holds_the_monitor_names(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     wandb_offline(tmp_path, monkeypatch)
@@ -323,14 +330,15 @@ def test_wandb_offline_run_holds_the_monitor_names(tmp_path, monkeypatch):
     (run_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     rows = wandb_history(run_file)
     train = read_jsonl(run / "monitor_logs" / "r.jsonl")
-    assert [r["monitor/train/loss"] for r in rows if "monitor/train/loss" in r] == [
+    key = "monitor/train/loss/mean"
+    assert [r[key] for r in rows if key in r] == [
         pytest.approx(r["metrics"]["loss"]["mean"]) for r in train]
-    assert [r["monitor/step"] for r in rows] == [0, 2, 3]
+    assert [r["monitor/train/step"] for r in rows if key in r] == [0, 2, 3]
     last = rows[-1]
     lfp = read_jsonl(run / "lfp_logs" / "r.jsonl")[-1]
-    assert last["monitor/lfp/overall/p_keep"] == pytest.approx(
+    assert last["monitor/lfp/overall/p_keep/mean"] == pytest.approx(
         lfp["metrics"]["overall/p_keep"]["mean"])
-    assert "monitor/moe/entropy/std" in last and "monitor/film/overall/gamma_norm" in last
+    assert "monitor/moe/entropy/std" in last and "monitor/film/overall/gamma_norm/mean" in last
     hist = read_jsonl(run / "moe_logs" / "r_detailed.jsonl")[-1]["histograms"]["dino_weight"]
     assert last["monitor/moe/dino_weight/hist/_type"] == "histogram"  # stored as nested keys
     assert last["monitor/moe/dino_weight/hist/values"] == hist["counts"]
@@ -353,7 +361,7 @@ def test_wandb_offline_run_the_script_started_gets_the_records_and_stays_open(tm
         run.finish()
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     rows = wandb_history(run_file)
-    assert [(r["_step"], r.get("monitor/train/loss")) for r in rows] == [
+    assert [(r["_step"], r.get("monitor/train/loss/mean")) for r in rows] == [
         (0, 0.0), (2, 1.5), (4, 3.5), (6, None)]
     assert rows[0]["script/own"] == 1.0
 
@@ -417,3 +425,21 @@ def test_config_validates_the_integration_fields():
         CogVLAMonitoringConfig(console_samples_per_step=0)
     with pytest.raises(TypeError, match="wandb_project must be a str"):
         CogVLAMonitoringConfig(wandb_project=3)
+
+
+def test_one_setting_exports_everything_to_every_integration(tmp_path):
+    pytest.importorskip("tensorboard")
+    with pytest.raises(TypeError, match="export_all must be a bool"):
+        CogVLAMonitoringConfig(export_all=1)
+    for export_all in (False, True):
+        mon = CogVLAMonitoring(run_dir=tmp_path / str(export_all), run_id="r",
+                               cfg=CogVLAMonitoringConfig(enable_tensorboard=True,
+                                                          export_all=export_all))
+        listeners = [x for x in mon.session.listeners if hasattr(x, "export_all")]
+        assert {type(x).__name__ for x in listeners} == {"TensorBoardListener",
+                                                         "WandbListener"}
+        assert all(x.export_all is export_all for x in listeners)
+        mon.finalize()
+    mon = Monitor(run_dir=tmp_path / "m", run_id="m", export_all=True, console=False)
+    assert [x.export_all for x in mon.session.listeners] == [True]  # W&B, when a run exists
+    mon.finalize()

@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import tracemalloc
-import warnings
 from pathlib import Path
 
 import pytest
@@ -56,7 +55,8 @@ def footprint(parts, train) -> dict:
     for obs in parts:
         for kind in ("events", "detailed"):
             slots = getattr(obs, kind).slots
-            sizes[f"{obs.part}/{kind}/rows"] = sum(a.numel() for a in slots._acc.values())
+            sizes[f"{obs.part}/{kind}/rows"] = sum(
+                a.numel() for a in (*slots._acc.values(), *slots._next.values()))
             sizes[f"{obs.part}/{kind}/indexes"] = len(slots._name_index) + len(
                 slots._index_cache)
         sizes[f"{obs.part}/deferred"] = len(obs._deferred)
@@ -77,8 +77,8 @@ def test_memory_kept_between_steps_does_not_grow_with_the_number_of_steps(tmp_pa
 
     def run(first, last):
         for step in range(first, last):
-            train.log_step(step)
             one_forward(parts, gen)
+            train.log_step(step)
             with train.step(step) as h:
                 h.log(loss=torch.rand((), generator=gen), lr=1e-4)
 
@@ -106,18 +106,17 @@ def test_a_step_makes_no_host_sync_from_monitor_code_with_every_part_on_and_eval
     model = build_tiny_cogvla(cfg, seed=0)
     mon = CogVLAMonitoring(run_dir=tmp_path / "r", run_id="r", cfg=CogVLAMonitoringConfig(
         monitor_log_interval=100, pruning_event_log_interval=100, detailed_log_interval=100))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # film_sample_layers' 26 is past DINO's 24 blocks
-        mon.attach(model)
+    mon.attach(model)  # the released film_sample_layers: no warning
     gen = torch.Generator().manual_seed(0)
+    model(**synthetic_batch(cfg, batch_size=2, generator=gen)).loss.backward()
     mon.log_step(0)
     model(**synthetic_batch(cfg, batch_size=2, generator=gen)).loss.backward()
     mon.log_step(1)  # step 0 was due: flushed here, outside the spy
     with HostSyncSpy(only_from="monitor") as spy:
-        for step in range(1, 4):
-            mon.log_step(step)
+        for step in range(2, 5):
             out = model(**synthetic_batch(cfg, batch_size=2, generator=gen, pad_tokens=2))
             out.loss.backward()
+            mon.log_step(step)
             with mon.step(step) as h:
                 h.log(loss=out.loss.detach(), lr=1e-4, extra={"l1": out.loss.detach() * 2})
             with torch.no_grad():  # a validation forward between training steps
@@ -160,15 +159,16 @@ def test_hooks_on_cuda_tensors_never_sync_between_flushes(tmp_path):
         moe.observe_logits(torch.randn(4, 2, device="cuda", generator=gen))
         aggr.observe("dino", 64, 8, 4, torch.randn(4, 8, 6, device="cuda", generator=gen))
 
+    forward_on_cuda()
     train.log_step(0)
     forward_on_cuda()
     train.log_step(1)  # flushes step 0: syncs allowed here
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for step in range(1, 20):
-            train.log_step(step)
+        for step in range(2, 20):
             forward_on_cuda()
+            train.log_step(step)
             with train.step(step) as h:
                 h.log(loss=torch.rand((), device="cuda", generator=gen), lr=1e-4)
             for obs in parts:
@@ -203,5 +203,5 @@ def test_the_benchmark_runs_and_its_countable_targets_hold(tmp_path):
     assert res["syncs"]["host_syncs_between_flushes"] == 0
     assert res["overhead"]["hook_ms_per_step_median"] > 0
     assert res["overhead"]["real_widths"]["ms_per_step"] > 0
-    assert "after_400" in res["memory"]
+    assert "after_140" in res["memory"]
     assert "flush:" in proc.stdout and "overhead:" in proc.stdout

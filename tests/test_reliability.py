@@ -76,9 +76,9 @@ def train(mon, model, model_cfg, steps, inject=None):
     for step in steps:
         if inject is not None:
             inject(step)
-        mon.log_step(step)
         with torch.no_grad():
             out = model(**synthetic_batch(model_cfg, batch_size=1, generator=gen))
+        mon.log_step(step)
         with mon.step(step) as h:
             h.log(loss=out.loss, lr=1e-3)
 
@@ -209,6 +209,13 @@ def test_first_step_is_the_schedulers_first_step(tmp_path):
     session.scheduler.advance(41)
     assert session.first_step == session.scheduler.first_step == 40
     session.close()
+    mon = Monitor(run_dir=tmp_path / "m", run_id="m", log_interval=5, console=False)
+    assert mon.session.first_step is None
+    for step in range(7, 9):  # a resumed run starts at a later step
+        with mon.step(step) as h:
+            h.log(loss=1.0)
+    assert mon.session.first_step == mon.session.scheduler.first_step == 7
+    mon.finalize()
 
 
 # -- 4. non-finite values ---------------------------------------------------------------
@@ -251,9 +258,9 @@ def test_nonfinite_values_anywhere_are_counted_alerted_once_and_training_goes_on
     gen = torch.Generator().manual_seed(0)
     for step in range(8):
         now["step"] = step
-        mon.log_step(step)
         with torch.no_grad():
             out = model(**synthetic_batch(model_cfg, batch_size=1, generator=gen))
+        mon.log_step(step)
         with mon.step(step) as h:  # the loss is NaN at steps 2 and 3
             h.log(loss=out.loss * float("nan") if step in (2, 3) else out.loss, lr=1e-3)
     mon.finalize()
@@ -286,17 +293,30 @@ def test_nonfinite_values_anywhere_are_counted_alerted_once_and_training_goes_on
     ({"monitor_log_interval": 0}, ValueError, "monitor_log_interval must be > 0, got 0"),
     ({"pruning_event_log_interval": -3}, ValueError, "pruning_event_log_interval must be > 0"),
     ({"detailed_log_interval": 2.5}, TypeError, "detailed_log_interval must be a Python int"),
-    ({"film_sample_layers": [0, -1]}, ValueError, "film_sample_layers must be >= 0, got -1"),
-])
+    ({"detailed_log_interval": -5}, ValueError, "detailed_log_interval must be > 0"),
+    ({"pruning_event_log_interval": 2.5}, TypeError, "pruning_event_log_interval must be"),
+    ({"film_sample_layers": [0, 0]}, ValueError, "duplicates"),
+    ({"film_sample_layers": "0,9"}, TypeError, "list of ints"),
+    ({"film_sample_layers": [0.5]}, TypeError, "must hold ints"),
+    ({"film_sample_layers": []}, ValueError, "at least one block"),
+    ({"moe_collapse_threshold": "0.9"}, TypeError, "moe_collapse_threshold must be a number"),
+    ({"enable_lfp_monitor": "yes"}, TypeError, "enable_lfp_monitor must be a bool"),
+    ({"moe_collapse_threshold": 1.5}, ValueError, "moe_collapse_threshold must be in"),
+])  # the facade's settings, each checked once where it is owned
 def test_bad_config_is_refused_naming_the_field(bad, error, match):
     with pytest.raises(error, match=match):
         cogvla_cfg(**bad)
 
 
-@pytest.mark.parametrize("run_id", ["a/b", "..", "x/../y", "a\\b", "a\0b"])
-def test_a_run_id_that_is_not_one_path_component_is_refused(tmp_path, run_id):
-    with pytest.raises(ValueError, match="run_id must not contain"):
-        CogVLAMonitoring(run_dir=tmp_path / "r", run_id=run_id)
+@pytest.mark.parametrize("build", [Monitor, CogVLAMonitoring])
+@pytest.mark.parametrize("run_id, match", [
+    ("a/b", "must not contain"), ("..", "must not contain"), ("../x", "must not contain"),
+    ("x/../y", "must not contain"), ("a\\b", "must not contain"), ("a\0b", "must not contain"),
+    ("", "run_id must be a non-empty string"),
+])
+def test_a_run_id_that_is_not_one_path_component_is_refused(tmp_path, build, run_id, match):
+    with pytest.raises(ValueError, match=match):
+        build(run_dir=tmp_path / "r", run_id=run_id)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -347,9 +367,11 @@ def test_a_failing_disk_on_rank0_degrades_the_monitor_and_changes_no_collective(
     assert "[ENOSPC]" not in out[0]["warnings"][0] and "ENOSPC" in out[0]["warnings"][0]
     assert out[1]["warnings"] == []
     every_file_parses(run_dir)
-    # steps 3-5 were lost with the disk; the record resumes once it comes back
+    # the records written during steps 3-5 were lost with the disk (with an interval of 1,
+    # each is written at the next step's first call: those of steps 2-4); the records
+    # resume once it comes back
     assert [r["step"] for r in read_records(run_dir / "monitor_logs" / "disk.jsonl")] == [
-        0, 1, 2, 6, 7]
+        0, 1, 5, 6, 7]
     meta = json.loads((run_dir / "monitor_logs" / "disk_meta.json").read_text())
     assert meta["degraded"] is True and meta["write_errors"] == 3
     assert "disk.jsonl: [ENOSPC] No space left on device" in meta["first_write_error"]
@@ -390,7 +412,9 @@ def test_a_line_cut_short_by_a_full_disk_is_removed_before_the_next_record(
     with mon.step(2) as h:
         h.log(loss=2.0)
     mon.finalize()
-    assert [r["step"] for r in read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")] == [0, 2]
+    # record 0 is written at step 1's first call, cut short there and removed before
+    # record 1 (written at step 2's)
+    assert [r["step"] for r in read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")] == [1, 2]
 
 
 @pytest.mark.distributed
@@ -403,7 +427,7 @@ def test_a_failing_disk_on_rank0_under_the_cogvla_facade_changes_no_collective(t
     every_file_parses(run_dir)
     for part in ("monitor", *PARTS):
         steps = [r["step"] for r in read_records(run_dir / f"{part}_logs" / "disk.jsonl")]
-        assert steps == [0, 1, 4, 5], part
+        assert steps == [0, 3, 4, 5], part  # records 1, 2 were written at steps 2, 3
         summary = json.loads((run_dir / f"{part}_logs" / "disk_summary.json").read_text())
         assert summary["degraded"] is True and summary["status"] == "completed", part
 
@@ -455,7 +479,7 @@ def test_a_folder_that_turns_read_only_mid_run_loses_only_what_came_meanwhile(tm
     out, = run_world(read_only_folder, 1, tmp_path, init=False, steps=9, read_only_from=3,
                      writable_from=6)
     assert len(out["warnings"]) == 1 and "Permission denied" in out["warnings"][0]
-    assert out["steps"] == [0, 1, 2, 6, 7, 8]
+    assert out["steps"] == [0, 1, 5, 6, 7, 8]  # each written at the next step's first call
     assert out["meta"]["degraded"] is True and out["meta"]["status"] == "completed"
     assert out["meta"]["write_errors"] == 3 and "EACCES" in out["meta"]["first_write_error"]
 

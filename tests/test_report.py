@@ -72,6 +72,7 @@ def test_read_run_skips_a_last_line_cut_short_and_warns_of_a_corrupt_middle_line
     for step in range(3):
         with mon.step(step) as h:
             h.log(loss=torch.tensor(1.0))
+    mon.log_step(3)  # writes the record of step 2
     path = tmp_path / "r" / "monitor_logs" / "r.jsonl"
     with open(path, "a") as f:
         f.write('{"step": 3, "mode": "tr')  # killed mid-write
@@ -161,3 +162,52 @@ def test_read_run_drops_a_resumed_runs_superseded_records_and_markers(tmp_path):
     records = read_run(run_dir)["train"].records
     assert [r["step"] for r in records] == [0, 10, 20, 30, 40]
     assert [r["metrics"]["loss"]["mean"] for r in records] == [1.0, 1.0, 2.0, 2.0, 2.0]
+
+
+class FigureKeeper:
+    """pyplot, keeping every figure the plot functions make (they close them)."""
+
+    def __init__(self, plt):
+        self._plt, self.figures = plt, []
+
+    def __getattr__(self, name):
+        return getattr(self._plt, name)
+
+    def subplots(self, *args, **kwargs):
+        fig, axes = self._plt.subplots(*args, **kwargs)
+        self.figures.append(fig)
+        return fig, axes
+
+
+def alert_lines(ax):
+    return [line.get_label() for line in ax.get_lines()
+            if line.get_linestyle() == "--" and line.get_color() == "tab:red"]
+
+
+def test_an_alert_is_drawn_only_on_its_metrics_panel_and_named(demo_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    from monitor import plots
+
+    plt = FigureKeeper(report.pyplot())
+    run = monitor.read_run(demo_run)
+    alerts = run["moe"].alerts
+    assert alerts and {a["alert"]["type"] for a in alerts} == {"expert_collapse"}
+    plots.plot_moe(plt, run, tmp_path / "moe.png")
+    plots.plot_train(plt, run, tmp_path / "train.png")
+    (weights, entropy), (loss, lr) = (fig.axes for fig in plt.figures)
+    drawn = alert_lines(weights)
+    assert len(drawn) == len(alerts)  # one line per alert, the first of each metric named
+    named = {f"alert: {a['alert']['expert']}_weight" for a in alerts}
+    assert {d for d in drawn if not d.startswith("_")} == named
+    assert named <= set(weights.get_legend_handles_labels()[1])
+    assert alert_lines(entropy) == alert_lines(loss) == alert_lines(lr) == []
+    # a non-finite loss: on the loss panel, not on the learning rate's
+    mon = Monitor(run_dir=tmp_path / "nan", run_id="nan", log_interval=1, console=False)
+    for step in range(3):
+        with mon.step(step) as h:
+            h.log(loss=float("nan") if step == 1 else 1.0, lr=1e-3)
+    mon.finalize()
+    plt.figures.clear()
+    plots.plot_train(plt, monitor.read_run(tmp_path / "nan"), tmp_path / "nan.png")
+    (loss, lr), = (fig.axes for fig in plt.figures)
+    assert alert_lines(loss) == ["alert: loss"] and alert_lines(lr) == []

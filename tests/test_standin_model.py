@@ -15,7 +15,6 @@ from monitor.testing import (
     FiLMedTokenRouter,
     FiLMedVisionTransformerAggregator,
     FiLMedVisionTransformerBlock,
-    FiLMedVisionTransformerRegister,
     LlamaDecoderLayer,
     LlamaDecoderLFPLayer,
     MoEAggregator,
@@ -48,7 +47,7 @@ def gen(seed=0):
 
 
 def vits(model):
-    vb = model.vision_backbone.vision_backbone
+    vb = getattr(model.vision_backbone, "vision_backbone", model.vision_backbone)
     return vb.featurizer, vb.fused_featurizer
 
 
@@ -58,7 +57,8 @@ def test_classes_and_attribute_paths(vla, cfg):
     )
     assert type(vla.vision_backbone).__name__ == "FiLMedPrismaticVisionBackboneAggregator"
     dino, siglip = vits(vla)
-    assert type(dino).__name__ == type(siglip).__name__ == "FiLMedVisionTransformerRegister"
+    # the class vit_wrapper_reg.py sets (official CogVLA repository and the public fork)
+    assert type(dino).__name__ == type(siglip).__name__ == "FiLMedVisionTransformerAggregator"
     assert vla.config.timm_model_ids == [DINOV2_TIMM_ID, SIGLIP_TIMM_ID]
     assert vla.config.timm_model_ids[0].startswith("vit_large_patch14_reg4_dinov2")
     assert vla.config.timm_model_ids[1].startswith("vit_so400m_patch14_siglip")
@@ -115,10 +115,24 @@ def test_vits_depth_prefix_and_patched_forward(vla):
         )
 
 
-def test_notes_name_is_an_alias_of_the_real_class():
-    # COGVLA.md calls the wrapped ViT class FiLMedVisionTransformerAggregator; the real code
-    # (vit_wrapper_reg.py) names it FiLMedVisionTransformerRegister.
-    assert FiLMedVisionTransformerAggregator is FiLMedVisionTransformerRegister
+def test_the_official_class_names_at_every_wrapper_and_the_earlier_names_as_aliases(cfg):
+    from monitor import testing
+
+    assert testing.FiLMedVisionTransformerRegister is FiLMedVisionTransformerAggregator
+    assert testing.VisionTransformerRegister is testing.VisionTransformerAggregator
+    for use_film, use_aggr, backbone, vit_class in (
+            (True, True, "FiLMedPrismaticVisionBackboneAggregator",
+             "FiLMedVisionTransformerAggregator"),
+            (True, False, "FiLMedPrismaticVisionBackbone", "FiLMedVisionTransformer"),
+            (False, False, "PrismaticVisionBackbone", "VisionTransformer")):
+        vla = build_tiny_cogvla(TinyCogVLAConfig(use_film=use_film, use_aggr=use_aggr,
+                                                 image_size=16), seed=0)
+        assert type(vla.vision_backbone).__name__ == backbone
+        assert {type(v).__name__ for v in vits(vla)} == {vit_class}
+        if backbone == "PrismaticVisionBackbone":  # tokens without FiLM (never trained)
+            vla.vision_backbone = testing.PrismaticVisionBackboneAggregator(
+                vision_backbone=vla.vision_backbone, llm_dim=vla.llm_dim, num_vision_aggr=4)
+            assert {type(v).__name__ for v in vits(vla)} == {"VisionTransformerAggregator"}
 
 
 def record_calls(vla):

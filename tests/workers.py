@@ -72,20 +72,24 @@ def growing_metrics(rank, world_size, run_dir, counts):
         with mon.step(step) as h:
             h.log(extra={f"m{i}": torch.tensor(float(rank * 100 + i + step)) for i in range(k)})
         per_step.append(counter["n"] - before)
+    before = counter["n"]
     mon.finalize()
+    per_step.append(counter["n"] - before)
     return per_step
 
 
 def out_of_step(rank, world_size, run_dir, interval):
     """Rank r logs step 10 * (r + 1): every rank must raise RankMismatchError.
 
-    With ``interval=10`` both steps are due and the error comes at the context's exit;
-    with a large interval it comes from the pending record that ``finalize()`` writes.
+    With ``interval=10`` both steps are due and the error comes at the next context's
+    entry (the first call with a later step writes the due record); with a large interval
+    it comes from the pending record that ``finalize()`` writes.
     """
     mon = Monitor(run_dir=run_dir, run_id="oos", log_interval=interval, participation="all")
     try:
-        with mon.step(10 * (rank + 1)) as h:
-            h.log(loss=1.0)
+        for step in (10 * (rank + 1), 10 * (rank + 1) + 1):
+            with mon.step(step) as h:
+                h.log(loss=1.0)
     except RankMismatchError as err:
         return "context: " + str(err)
     try:

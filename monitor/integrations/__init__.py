@@ -9,13 +9,18 @@ no host-device sync, and only rank 0 holds them. One that raises at run time is 
 about once and turned off; training and the JSONL logs go on.
 
 Flat names (TensorBoard tags, W&B keys) come from :mod:`monitor.integrations.names`:
-``monitor/<part>/<key>`` is the mean, ``.../std``, ``.../min``, ``.../max`` the rest.
+``monitor/{mode or part}/{key}/{field}`` (``field`` = ``mean``, ``std``, ``min``, ``max``,
+``hist``, ...), never a key the public CogVLA script writes itself. The default export is
+compact (per-layer values combined and as one histogram per field: under 200 scalar keys
+with every CogVLA part on); ``export_all=True`` exports every value of every record.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from typing import TYPE_CHECKING
+
+from monitor.checks import check_bool
 
 if TYPE_CHECKING:  # the session imports the listener container from this package
     from monitor.session import MonitorSession
@@ -34,7 +39,8 @@ def check_extras(*, tensorboard: bool = False, wandb: bool | None = None) -> Non
 
 def add_integrations(session: MonitorSession, *, tensorboard: bool = False,
                      wandb: bool | None = None, wandb_project: str | None = None,
-                     console: bool = True, samples_per_step: int | None = None) -> None:
+                     console: bool = True, samples_per_step: int | None = None,
+                     export_all: bool = False) -> None:
     """Add the chosen integrations to ``session`` (call it on every rank).
 
     Args:
@@ -45,22 +51,26 @@ def add_integrations(session: MonitorSession, *, tensorboard: bool = False,
         wandb_project: the project of a run this starts (default ``"monitor"``).
         console: one ``logging`` line per train record (logger ``"monitor"``, INFO).
         samples_per_step: global batch size, for the console's samples/s (else omitted).
+        export_all: TensorBoard and W&B get every value of every record (about 1,000
+            scalar keys with every CogVLA part on) instead of the compact export.
 
     Raises:
         ImportError: an integration is turned on but its package is missing (on every
             rank, so that no rank goes on alone).
     """
+    check_bool("export_all", export_all)
     check_extras(tensorboard=tensorboard, wandb=wandb)
     if not session.world.is_writer:
         return
     if tensorboard:
         from monitor.integrations.tensorboard import TensorBoardListener
 
-        session.add_listener(TensorBoardListener(session))
+        session.add_listener(TensorBoardListener(session, export_all=export_all))
     if wandb is not False:
         from monitor.integrations.wandb import WandbListener
 
-        session.add_listener(WandbListener(session, create=bool(wandb), project=wandb_project))
+        session.add_listener(WandbListener(session, create=bool(wandb), project=wandb_project,
+                                           export_all=export_all))
     if console:
         from monitor.integrations.console import ConsoleListener
 

@@ -1,8 +1,10 @@
 """TensorBoard: rank 0 writes the records as event files under ``{run_dir}/tensorboard/``.
 
 Scalars and histograms carry the names of :mod:`monitor.integrations.names`, at the
-record's step and wall time; alerts become text entries. The writer is created at the
-first record. In a resumed run (``meta["resumed"]``) it is created with
+record's step and wall time (compact export by default, every value with
+``export_all=True``; per-layer series, ``mean_hist``, are histograms of the per-layer
+means); alerts become text entries (``monitor/{prefix}/~record/alert``). The writer is
+created at the first record. In a resumed run (``meta["resumed"]``) it is created with
 ``purge_step`` = this segment's first step, so TensorBoard hides what the dead segment
 wrote at that step and later (the steps this segment trains again).
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from monitor.integrations import check_extras, names
 from monitor.session import MonitorSession
 
@@ -20,9 +24,10 @@ from monitor.session import MonitorSession
 class TensorBoardListener:
     """A session listener that writes TensorBoard event files (rank 0)."""
 
-    def __init__(self, session: MonitorSession) -> None:
+    def __init__(self, session: MonitorSession, *, export_all: bool = False) -> None:
         check_extras(tensorboard=True)
         self.session = session
+        self.export_all = export_all
         self.log_dir = session.files.path("tensorboard")
         self._writer = None
         self._closed = False
@@ -35,25 +40,29 @@ class TensorBoardListener:
             self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge)
         return self._writer
 
-    def publish(self, part: str, kind: str, record: dict) -> None:
+    def publish(self, part: str, stream: str, record: dict) -> None:
         if self._closed:
             return
         writer = self._get_writer()
         step, walltime = record["step"], record.get("time")
-        if kind == "alert":
-            writer.add_text(f"monitor/{part}/alert", json.dumps(record["alert"]), step,
-                            walltime=walltime)
+        base = names.prefix(part, stream)
+        if stream == "alert":
+            writer.add_text(names.name(base, names.RECORD, "alert"), json.dumps(record["alert"]),
+                            step, walltime=walltime)
         # one event holding every scalar of the record (5x faster than one add_scalar each
         # for an LFP record's 700 values; TensorBoard reads them as the same scalars)
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         values = [Summary.Value(tag=name, simple_value=value)
-                  for name, value in names.scalars(part, kind, record)]
+                  for name, value in names.scalars(part, stream, record, self.export_all)]
         if values:
             writer.file_writer.add_summary(Summary(value=values), step, walltime)
-        for name, hist in names.histograms(part, kind, record):
+        for name, hist in names.histograms(part, stream, record, self.export_all):
             writer.add_histogram_raw(name, walltime=walltime, global_step=step,
                                      **histogram_fields(hist))
+        for name, means in names.layer_profiles(part, stream, record, self.export_all):
+            writer.add_histogram(name, np.asarray(means, dtype=np.float64), step,
+                                 walltime=walltime, bins=min(len(means), 32))
         writer.flush()
 
     def close(self) -> None:

@@ -55,6 +55,7 @@ from monitor.testing.cogvla_vision import (
     PrismaticVisionBackbone,
     PrismaticVisionBackboneAggregator,
     VisionTransformer,
+    VisionTransformerAggregator,
     VisionTransformerRegister,
 )
 
@@ -88,6 +89,7 @@ __all__ = [
     "TinyCogVLAConfig",
     "TokenRouter",
     "VisionTransformer",
+    "VisionTransformerAggregator",
     "VisionTransformerRegister",
     "build_proprio_projector",
     "build_tiny_cogvla",

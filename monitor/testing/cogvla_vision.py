@@ -294,8 +294,10 @@ class FiLMedVisionTransformer(VisionTransformer):
 
 
 # ------------------------------------------------------ aggregation tokens (vit_wrapper_reg.py)
-class FiLMedVisionTransformerRegister(VisionTransformer):
-    """FiLM + aggregation tokens: output is ONLY the K aggregation tokens of block L-2."""
+class FiLMedVisionTransformerAggregator(VisionTransformer):
+    """FiLM + aggregation tokens: output is ONLY the K aggregation tokens of block L-2
+    (``vit_wrapper_reg.py``; the class both the official CogVLA repository and the public
+    fork set with ``vit.__class__ = ...``)."""
 
     def _intermediate_layers(self, x, language_embeddings, vision_aggr, n=1):
         return _run_blocks(self, x, n, lambda blk, h: blk(h, language_embeddings), vision_aggr)
@@ -316,7 +318,7 @@ class FiLMedVisionTransformerRegister(VisionTransformer):
         return _finish(self, outs, x, True, reshape, return_prefix_tokens, norm)
 
 
-class VisionTransformerRegister(VisionTransformer):
+class VisionTransformerAggregator(VisionTransformer):
     """Aggregation tokens without FiLM (blocks are ``NullVisionTransformerBlockWrapper``)."""
 
     def _intermediate_layers(self, x, vision_aggr, n=1):
@@ -329,8 +331,9 @@ class VisionTransformerRegister(VisionTransformer):
         return _finish(self, outs, x, True, reshape, return_prefix_tokens, norm)
 
 
-# Name used by the shared CogVLA notes; the real class is FiLMedVisionTransformerRegister.
-FiLMedVisionTransformerAggregator = FiLMedVisionTransformerRegister
+# Earlier names of this stand-in (a third-party copy's): kept as aliases of the real classes.
+FiLMedVisionTransformerRegister = FiLMedVisionTransformerAggregator
+VisionTransformerRegister = VisionTransformerAggregator
 
 
 # ---------------------------------------------------- Prismatic backbone (modeling_prismatic.py)
@@ -481,7 +484,7 @@ class FiLMedPrismaticVisionBackboneAggregator(_WrapperBase):
         vit.blocks = nn.Sequential(
             *[FiLMedVisionTransformerBlock(b, vit.num_features, self.llm_dim) for b in vit.blocks]
         )
-        vit.__class__ = FiLMedVisionTransformerRegister
+        vit.__class__ = FiLMedVisionTransformerAggregator
         vit.forward = unpack_tuple(
             partial(vit.get_intermediate_layers, vision_aggr=vision_aggr, n={len(vit.blocks) - 2})
         )
@@ -503,7 +506,7 @@ class PrismaticVisionBackboneAggregator(FiLMedPrismaticVisionBackboneAggregator)
 
     def _wrap_vit(self, vit, vision_aggr) -> None:
         vit.blocks = nn.Sequential(*[NullVisionTransformerBlockWrapper(b) for b in vit.blocks])
-        vit.__class__ = VisionTransformerRegister
+        vit.__class__ = VisionTransformerAggregator
         vit.forward = unpack_tuple(
             partial(vit.get_intermediate_layers, vision_aggr=vision_aggr, n={len(vit.blocks) - 2})
         )

@@ -83,6 +83,9 @@ class CogVLAMonitoringConfig:
     """Project of a W&B run the monitor starts (``enable_wandb=True``; default "monitor")."""
     console: bool = True
     """A ``logging`` line on rank 0 at each train record (step, loss, lr, throughput)."""
+    export_all: bool = False
+    """TensorBoard/W&B get every value of every record (about 1,000 scalar keys with every
+    part on) instead of the compact export (under 200; ``monitor.integrations.names``)."""
     console_samples_per_step: int | None = None
     """Global batch size, to show samples/s in the console line."""
     film_sample_layers: list[int] = field(default_factory=lambda: [0, 9, 18, 26])
@@ -105,7 +108,7 @@ class CogVLAMonitoringConfig:
 
         for flag in ("enable_train_monitor", "enable_lfp_monitor", "enable_film_monitor",
                      "enable_moe_monitor", "enable_aggr_monitor", "enable_tensorboard",
-                     "console", "handle_signals"):
+                     "console", "handle_signals", "export_all"):
             check_bool(name(flag), getattr(self, flag))
         check_bool(name("enable_wandb"), self.enable_wandb, none_ok=True)
         if self.wandb_project is not None and not isinstance(self.wandb_project, str):
@@ -182,7 +185,8 @@ class CogVLAMonitoring(FinishesOnExit):
         ) if cfg.enable_aggr_monitor else None
         add_integrations(s, tensorboard=cfg.enable_tensorboard, wandb=cfg.enable_wandb,
                          wandb_project=cfg.wandb_project, console=cfg.console,
-                         samples_per_step=cfg.console_samples_per_step)
+                         samples_per_step=cfg.console_samples_per_step,
+                         export_all=cfg.export_all)
         self._attached: torch.nn.Module | None = None
         self._paths: dict[str, str] | None = None
         self._warned_no_train = False
@@ -214,8 +218,10 @@ class CogVLAMonitoring(FinishesOnExit):
         self._attached = root
         counts = {}
         for part, obs in self.observers.items():
+            adapter = None
             try:
-                counts[part] = self._adapter(part, obs, root).attach(root)
+                adapter = self._adapter(part, obs, root)
+                counts[part] = adapter.attach(root)
             except Exception as exc:  # noqa: BLE001 - an odd model must not stop training
                 obs.remove_hooks()
                 counts[part] = 0
@@ -224,9 +230,10 @@ class CogVLAMonitoring(FinishesOnExit):
                               "this part records nothing", RuntimeWarning, stacklevel=2)
                 continue
             if counts[part] == 0:
-                warnings.warn(f"monitor {part}: enabled but no {part.upper()} module was found "
-                              "in the model; nothing will be recorded for it (see meta)",
-                              RuntimeWarning, stacklevel=2)
+                why = getattr(adapter, "why_nothing", None) or \
+                    f"enabled but no {part.upper()} module was found in the model"
+                warnings.warn(f"monitor {part}: {why}; nothing will be recorded for it "
+                              "(see meta)", RuntimeWarning, stacklevel=2)
             obs.describe(found=counts[part] > 0)
         return counts
 

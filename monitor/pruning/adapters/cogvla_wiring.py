@@ -19,8 +19,9 @@ Aggr        ``<vit>.patch_embed`` and ``<vit>`` itself                  tokens i
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,8 @@ from monitor.pruning.film import FiLMObserver
 from monitor.pruning.moe import MoERouterObserver
 from monitor.pruning.routing import PruningObserver
 
+log = logging.getLogger("monitor")
+
 ENCODER_ATTRS = (("featurizer", "vision_aggr_featurizer"),
                  ("fused_featurizer", "vision_aggr_fused_featurizer"))
 # OpenVLA's dinosiglip backbone builds `featurizer` from its first timm id (DINOv2) and
@@ -39,6 +42,18 @@ DEFAULT_ENCODER_NAMES = {"featurizer": "dino", "fused_featurizer": "siglip"}
 KNOWN_FAMILIES = (("dino", "dino"), ("siglip", "siglip"), ("clip", "clip"))
 # (depth, width, prefix tokens) of the released encoders
 KNOWN_SHAPES = {(24, 1024, 5): "dino", (27, 1152, 0): "siglip"}
+# What each wrapped ViT class carries: the class CogVLA's wrappers set with
+# `vit.__class__ = ...` (prismatic/models/vit_wrapper_reg.py, film_vit_wrapper.py), then
+# the earlier names of the monitor's stand-in (kept: harmless). Encoders are still found
+# by path and FiLM blocks by their .scale/.shift; the class goes into meta.
+VIT_CLASSES = {
+    "FiLMedVisionTransformerAggregator": ("film", "aggregation"),
+    "VisionTransformerAggregator": ("aggregation",),
+    "FiLMedVisionTransformer": ("film",),
+    "VisionTransformer": (),
+    "FiLMedVisionTransformerRegister": ("film", "aggregation"),
+    "VisionTransformerRegister": ("aggregation",),
+}
 
 
 def vision_backbone_of(root: torch.nn.Module) -> torch.nn.Module | None:
@@ -73,9 +88,12 @@ def moe_router_of(root: torch.nn.Module) -> torch.nn.Module | None:
 def find_encoders(root: torch.nn.Module) -> list[dict]:
     """The vision encoders in MoE expert order, each named from the model itself.
 
-    Returns dicts ``{"attr", "name", "module", "how"}``. The name comes from the config's
-    ``timm_model_ids`` (entry i for encoder i), else from the encoder's depth, width and
-    prefix tokens, else from OpenVLA's attribute convention; ``how`` says which.
+    Returns dicts ``{"attr", "name", "module", "how", "class", "carries"}``. The name
+    comes from the config's ``timm_model_ids`` (entry i for encoder i), else from the
+    encoder's depth, width and prefix tokens, else from OpenVLA's attribute convention;
+    ``how`` says which. ``class`` is the ViT's class name (``FiLMedVisionTransformerAggregator``
+    in the released models) and ``carries`` what :data:`VIT_CLASSES` says it adds
+    (None for a class it does not know).
     """
     vb = vision_backbone_of(root)
     if vb is None:
@@ -93,7 +111,9 @@ def find_encoders(root: torch.nn.Module) -> list[dict]:
         if name in taken:
             name = f"{name}{i}"
         taken.add(name)
-        found.append({"attr": attr, "name": name, "module": vit, "how": how})
+        cls = type(vit).__name__
+        found.append({"attr": attr, "name": name, "module": vit, "how": how, "class": cls,
+                      "carries": VIT_CLASSES.get(cls)})
     return found
 
 
@@ -129,7 +149,7 @@ def llm_layers(root: torch.nn.Module) -> tuple[Sequence[torch.nn.Module], object
         for path in ("model.layers", "layers"):
             layers = get_path(owner, path)
             if isinstance(layers, torch.nn.ModuleList):
-                return layers, getattr(owner, "config", None)
+                return list(layers), getattr(owner, "config", None)
     return [], None
 
 
@@ -167,7 +187,8 @@ class CogVLALfpAdapter:
         if targets is None:
             targets = [i for i, layer in enumerate(layers) if hasattr(layer, "router_factor")]
             how = "layers with a router_factor"
-        chosen, missing = [], []
+        chosen: list[int] = []
+        missing: list[int] = []
         for idx in targets:
             layer = layers[idx] if 0 <= idx < len(layers) else None
             ok = layer is not None and isinstance(getattr(layer, "router", None),
@@ -175,13 +196,14 @@ class CogVLALfpAdapter:
             (chosen if ok else missing).append(idx)
         comps = [f"layer_{idx:02d}" for idx in chosen]
         self.observer.add_components(comps)
-        for idx, comp in zip(chosen, comps):
-            layer = layers[idx]
-            self.observer.hook(layer.router, self._hook(layer, comp), name=f"{comp}.router")
+        lfp_layers: list[Any] = [layers[idx] for idx in chosen]  # routers checked above
+        for lfp_layer, comp in zip(lfp_layers, comps):
+            self.observer.hook(lfp_layer.router, self._hook(lfp_layer, comp),
+                               name=f"{comp}.router")
         self.observer.describe(
             layers=chosen, layers_from=how, missing_layers=missing,
-            router_factor={c: float(layers[i].router_factor) for i, c in zip(chosen, comps)},
-            modules=[path_of(root, layers[i].router) for i in chosen])
+            router_factor={c: float(lay.router_factor) for lay, c in zip(lfp_layers, comps)},
+            modules=[path_of(root, lay.router) for lay in lfp_layers])
         return len(chosen)
 
     def _hook(self, layer: torch.nn.Module, component: str):
@@ -266,8 +288,12 @@ class CogVLAFiLMAdapter:
     """Feeds a :class:`FiLMObserver` from ``.scale`` (gamma) and ``.shift`` (beta) of the
     FiLM blocks at ``sample_layers`` in each encoder (components ``{enc}/layer_{i:02d}``).
 
-    An index an encoder lacks is skipped (one warning, listed in meta). The last block of
-    each encoder runs but never receives a gradient (the encoder output is taken from
+    An index an encoder lacks is skipped: the released ``[0, 9, 18, 26]`` samples block 26,
+    which SigLIP (27 blocks) has and DINOv2 (24) lacks, so that is expected; it is said
+    once, on the writing rank, through ``logging.getLogger("monitor")`` at INFO, and listed
+    in meta (``skipped``). Only indices that match no block of any encoder leave the part
+    with nothing to do (:attr:`why_nothing`, which the facade warns with). The last block
+    of each encoder runs but never receives a gradient (the encoder output is taken from
     block ``len(blocks) - 2``): meta names it, and a sampled one is flagged.
     """
 
@@ -275,6 +301,8 @@ class CogVLAFiLMAdapter:
                  sample_layers: Sequence[int] = (0, 9, 18, 26)) -> None:
         self.observer = observer
         self.sample_layers = [int(i) for i in sample_layers]
+        self.why_nothing: str | None = None
+        """Why :meth:`attach` hooked nothing, when it did not (else None)."""
 
     def attach(self, model: torch.nn.Module) -> int:
         root = unwrap(model)
@@ -284,8 +312,8 @@ class CogVLAFiLMAdapter:
             if not any(b is not None for b in blocks):
                 continue
             name = enc["name"]
-            encoders[name] = {"attribute": enc["attr"], "identified_by": enc["how"],
-                              "blocks": len(blocks)}
+            encoders[name] = {"attribute": enc["attr"], "class": enc["class"],
+                              "identified_by": enc["how"], "blocks": len(blocks)}
             dead[name] = len(blocks) - 1
             for i in self.sample_layers:
                 if not 0 <= i < len(blocks) or blocks[i] is None:
@@ -294,13 +322,18 @@ class CogVLAFiLMAdapter:
                 comp = f"{name}/layer_{i:02d}"
                 if i == len(blocks) - 1:
                     sampled_dead.append(comp)
+                block: Any = blocks[i]
                 self.observer.add_components([comp])
-                self.observer.hook(blocks[i].scale, self._hook(comp, "gamma"), name=f"{comp}.scale")
-                self.observer.hook(blocks[i].shift, self._hook(comp, "beta"), name=f"{comp}.shift")
+                self.observer.hook(block.scale, self._hook(comp, "gamma"), name=f"{comp}.scale")
+                self.observer.hook(block.shift, self._hook(comp, "beta"), name=f"{comp}.shift")
                 hooks += 2
-        if skipped:
-            warnings.warn(f"monitor film: film_sample_layers indices that an encoder lacks are "
-                          f"skipped: {skipped}", RuntimeWarning, stacklevel=3)
+        depths = ", ".join(f"{n} {e['blocks']}" for n, e in encoders.items())
+        if encoders and not hooks:
+            self.why_nothing = (f"film_sample_layers {self.sample_layers} match no FiLM block "
+                                f"(blocks per encoder: {depths})")
+        elif skipped and self.observer.session.world.is_writer:
+            log.info("monitor film: film_sample_layers indices an encoder lacks are skipped "
+                     "(blocks per encoder: %s): %s", depths, ", ".join(skipped))
         self.observer.describe(
             encoders=encoders, sample_layers=self.sample_layers, skipped=skipped,
             dead_blocks=dead, sampled_dead_blocks=sampled_dead,
@@ -379,7 +412,8 @@ class CogVLAAggregationAdapter:
                 hooks += 1
             self.observer.hook(vit, self._out_hook(name, k, vit), name=name)
             hooks += 1
-            found[name] = {"aggregation_tokens": aggr_attr, "k": k, "identified_by": enc["how"]}
+            found[name] = {"aggregation_tokens": aggr_attr, "k": k, "class": enc["class"],
+                           "identified_by": enc["how"]}
         self.observer.describe(encoders=found)
         return hooks
 
