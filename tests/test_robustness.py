@@ -247,25 +247,33 @@ def test_a_monitor_dropped_without_finalize_does_not_block_the_next(tmp_path):
 
 # -- the disk: what the summary counts, a disk that stays full ---------------------------
 
-def full_disk(monkeypatch, appends_fail: set[int], now: dict) -> None:
-    """From now on no new file can be made (``_replace``'s temporary file fails with
-    ENOSPC: it needs new blocks); appends fail at the steps in ``appends_fail`` and go
-    through otherwise (the JSONL's last block still has room), as on a disk that stays full."""
+def full_disk(monkeypatch, appends_fail: set[int]) -> None:
+    """The disk fills up at the first record labelled with a step in ``appends_fail``
+    and stays full: from then on no new file can be made (``_replace``'s temporary file
+    fails with ENOSPC: it needs new blocks); the appends of those records fail and the
+    others go through (the JSONL's last block still has room)."""
     import errno
 
     from monitor import sinks
 
-    real_append = sinks._append
+    real_append, real_replace = sinks._append, sinks._replace
+    full = {"since": False}
 
-    def no_space(*args, **kwargs):
+    def no_space():
         raise OSError(errno.ENOSPC, "No space left on device")
 
     def append(path, data):
-        if now["step"] in appends_fail:
+        if json.loads(data)["step"] in appends_fail:
+            full["since"] = True
             no_space()
         real_append(path, data)
 
-    monkeypatch.setattr(sinks, "_replace", no_space)
+    def replace(*args, **kwargs):
+        if full["since"]:
+            no_space()
+        real_replace(*args, **kwargs)
+
+    monkeypatch.setattr(sinks, "_replace", replace)
     monkeypatch.setattr(sinks, "_append", append)
 
 
@@ -273,29 +281,29 @@ def test_a_disk_that_stays_full_still_gets_degraded_and_the_final_status_into_me
         tmp_path, monkeypatch):
     run_dir = tmp_path / "r"
     meta_path = run_dir / "monitor_logs" / "r_meta.json"
-    now = {"step": 0}
     mon = Monitor(run_dir=run_dir, run_id="r", log_interval=1, console=False)
-    seen = {}
+    seen = []  # after each step: (the steps on disk, what meta on disk says of degraded)
     with pytest.warns(RuntimeWarning, match="No space left on device"):
-        for step in range(8):
-            now["step"] = step
-            if step == 2:
-                full_disk(monkeypatch, appends_fail={2, 3, 4}, now=now)
+        full_disk(monkeypatch, appends_fail={2, 3, 4})
+        for step in range(9):
             with mon.step(step) as h:
                 h.log(loss=float(step))
-            seen[step] = json.loads(meta_path.read_text())["degraded"]
+            on_disk = [r["step"] for r in read_jsonl(run_dir / "monitor_logs" / "r.jsonl")]
+            seen.append((on_disk, json.loads(meta_path.read_text())["degraded"]))
         mon.finalize()
-    assert seen == {0: False, 1: False, 2: False, 3: False, 4: False, 5: True, 6: True,
-                    7: True}  # rewritten at the first record that reached the disk again
+    # meta says degraded from the first record that reached the disk after the failures
+    # (record 5), although no new file could be made since the start
+    assert [degraded for _, degraded in seen] == [5 in steps for steps, _ in seen]
+    assert seen[-1][1] is True  # before finalize()
     records = read_jsonl(run_dir / "monitor_logs" / "r.jsonl")
-    assert [r["step"] for r in records] == [0, 1, 5, 6, 7]
+    assert [r["step"] for r in records] == [0, 1, 5, 6, 7, 8]
     meta = json.loads(meta_path.read_text())
     assert (meta["status"], meta["degraded"]) == ("completed", True)
     assert meta["write_errors"] == 3  # the three appends (the meta rewrites went in place)
     summary = json.loads((run_dir / "monitor_logs" / "r_summary.json").read_text())
     assert (summary["status"], summary["degraded"]) == ("completed", True)
-    assert summary["records_written"] == 5  # what reached the disk, not the 8 built
-    assert summary["metrics"]["train"]["loss"]["records"] == 5
+    assert summary["records_written"] == 6  # what reached the disk, not the 9 built
+    assert summary["metrics"]["train"]["loss"]["records"] == 6
 
 
 def _mount_tmpfs(path, size: str) -> bool:
@@ -316,14 +324,18 @@ def test_a_real_full_filesystem_keeps_every_line_whole_and_meta_gets_the_end(tmp
     try:
         run_dir = disk / "r"
         mon = Monitor(run_dir=run_dir, run_id="r", log_interval=1, console=False)
-        with mon.step(0) as h:
-            h.log(loss=0.0)
+        jsonl = run_dir / "monitor_logs" / "r.jsonl"
+        first = 0
+        while not jsonl.read_bytes():  # until a record is on disk (its page is allocated)
+            with mon.step(first) as h:
+                h.log(loss=float(first), extra={f"m{i}": 1.0 for i in range(3)})
+            first += 1
         with open(disk / "filler", "wb", buffering=0) as f:  # fill the disk to the last byte
             with pytest.raises(OSError, match="No space left"):
                 while True:
                     f.write(b"\0" * 512)
         with pytest.warns(RuntimeWarning, match="No space left on device"):
-            for step in range(1, 120):  # ~200-byte records: the JSONL's page fills up
+            for step in range(first, 120):  # ~300-byte records: the JSONL's page fills up
                 with mon.step(step) as h:
                     h.log(loss=float(step), extra={f"m{i}": 1.0 for i in range(3)})
             mon.finalize()
