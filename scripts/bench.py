@@ -168,27 +168,33 @@ def _time_reductions() -> dict:
     return spent
 
 
+def _world_rows(target, world: int, *args) -> list[dict]:
+    """Run ``target(rank, world, store, run_dir, *args, out)`` on ``world`` spawned ranks
+    and return the rows rank 0 puts on ``out`` (the ranks are killed if they hang)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=target,
+                             args=(r, world, os.path.join(tmp, "store"),
+                                   os.path.join(tmp, "run"), *args, out))
+                 for r in range(world)]
+        for proc in procs:
+            proc.start()
+        try:
+            return out.get(timeout=1800)
+        finally:
+            for proc in procs:
+                proc.join(60)
+                if proc.is_alive():
+                    proc.kill()
+
+
 def bench_flush(ranks: list[int], ks: list[int], quick: bool) -> list[dict]:
     # (monitor flushes, per-key loop flushes); torchmetrics gets a third of the latter
     reps = {str(k): (3, 3) if quick else (15, 2) if k >= 10_000 else (15, 9) for k in ks}
     results = []
-    ctx = mp.get_context("spawn")
     for world in ranks:
-        out = ctx.Queue()
-        with tempfile.TemporaryDirectory() as tmp:
-            procs = [ctx.Process(target=_flush_rank,
-                                 args=(r, world, os.path.join(tmp, "store"),
-                                       os.path.join(tmp, "run"), ks, reps, out))
-                     for r in range(world)]
-            for proc in procs:
-                proc.start()
-            try:
-                rows = out.get(timeout=1800)
-            finally:
-                for proc in procs:
-                    proc.join(60)
-                    if proc.is_alive():
-                        proc.kill()
+        rows = _world_rows(_flush_rank, world, ks, reps)
         for row in rows:
             row["per_key_over_monitor"] = row["per_key_ms"] / row["monitor_ms"]
             row["per_key_over_monitor_reduce"] = row["per_key_ms"] / row["monitor_reduce_ms"]
@@ -284,23 +290,8 @@ def _forensics_rank(rank: int, world: int, store_path: str, run_dir: str, ks: li
 def bench_forensics(ranks: list[int], ks: list[int], quick: bool) -> list[dict]:
     flushes = 3 if quick else 61
     results = []
-    ctx = mp.get_context("spawn")
     for world in ranks:
-        out = ctx.Queue()
-        with tempfile.TemporaryDirectory() as tmp:
-            procs = [ctx.Process(target=_forensics_rank,
-                                 args=(r, world, os.path.join(tmp, "store"),
-                                       os.path.join(tmp, "run"), ks, flushes, out))
-                     for r in range(world)]
-            for proc in procs:
-                proc.start()
-            try:
-                rows = out.get(timeout=1800)
-            finally:
-                for proc in procs:
-                    proc.join(60)
-                    if proc.is_alive():
-                        proc.kill()
+        rows = _world_rows(_forensics_rank, world, ks, flushes)
         for row in rows:
             row["flush_ratio"] = row["forensics_ms"] / row["before_ms"]
             row["cpu_ratio"] = row["forensics_cpu_ms"] / row["before_cpu_ms"]
