@@ -85,8 +85,8 @@ def planted(rank: int, world: int, run_dir: str, steps: int = 4) -> list[int]:
         per_step = []
         for step in range(steps):
             before = counter["n"]
+            probe.feed(probe_values(rank, world, step))  # the forward, before its step call
             with mon.step(step) as h:
-                probe.feed(probe_values(rank, world, step))
                 h.log(extra={k: torch.tensor(v, dtype=torch.float64)
                              for k, v in train_values(rank, world, step).items()})
             per_step.append(counter["n"] - before)

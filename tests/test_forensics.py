@@ -199,8 +199,10 @@ def test_three_ranks_name_the_holders_in_training_and_observer_streams(tmp_path)
     run_dir = tmp_path / "run"
     out = run_world(fw.planted, 3, tmp_path, run_dir=str(run_dir))
     # step 0 brings "u" on rank 1 alone: the union path (header, 2 gathers); then the fused
-    # MAX buffer and the SUM, whose rank columns cost no collective
-    assert out == [[3, 2, 2, 2]] * 3
+    # MAX buffer and the SUM, whose rank columns cost no collective. Counted per step
+    # context: the first due record waits until the run has shown it does not accumulate,
+    # so step 0's record is reduced in step 1's context (monitor/README.md, "Train records")
+    assert out == [[0, 3, 2, 2]] * 3
     check_planted(run_dir, 3)
     # read back, report, as a user finds them
     run = monitor.read_run(run_dir)
@@ -231,7 +233,7 @@ def test_two_ranks_name_the_holders_in_training_and_observer_streams(two_ranks):
     run_dir, out = two_ranks
     # "u" on rank 1 alone makes step 0 a union here too; in a world of 2 rank 1 is also
     # the last rank, which moves some holders (the reference decides them all)
-    assert [o["planted"] for o in out] == [[3, 2, 2, 2]] * 2
+    assert [o["planted"] for o in out] == [[0, 3, 2, 2]] * 2  # per context, as above
     check_planted(run_dir, 2)
 
 
@@ -240,8 +242,9 @@ def test_collectives_per_flush_with_and_without_nonfinite_values(two_ranks):
     run_dir, out = two_ranks
     for per_rank in out:
         # the same names on both ranks: the first flush sends the header alone, then 2;
-        # steps 0-1 are clean, 2-3 have a NaN on rank 1; finalize has nothing pending
-        assert per_rank["collectives"] == {5: [3, 2, 2, 2, 0], 5000: [3, 2, 2, 2, 0]}
+        # steps 0-1 are clean, 2-3 have a NaN on rank 1; each record is reduced in the next
+        # step's context (the first one waits, see above) and finalize reduces step 3's
+        assert per_rank["collectives"] == {5: [0, 3, 2, 2, 2], 5000: [0, 3, 2, 2, 2]}
     for k in (5, 5000):
         recs = read_jsonl(run_dir / "monitor_logs" / f"k{k}.jsonl")
         recs = [r for r in recs if "metrics" in r]
@@ -275,5 +278,5 @@ def test_rank0_only_names_rank_0(two_ranks):
 def test_five_ranks(tmp_path):
     run_dir = tmp_path / "run"
     out = run_world(fw.planted, 5, tmp_path, run_dir=str(run_dir), timeout=180.0)
-    assert out == [[3, 2, 2, 2]] * 5
+    assert out == [[0, 3, 2, 2]] * 5  # per context, as in the world of 3
     check_planted(run_dir, 5)
