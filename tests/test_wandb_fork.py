@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tree import tree
 from wandb_helpers import wandb_history, wandb_offline
-from workers import read_jsonl
 
 from monitor.integrations import names
 from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
@@ -137,7 +137,7 @@ def test_every_record_lands_at_its_own_step_metric_with_its_values(forked):
     for part, key, metric in (("monitor", "monitor/train/loss/mean", "loss"),
                               ("lfp", "monitor/lfp/overall/p_keep/mean", "overall/p_keep"),
                               ("moe", "monitor/moe/dino_weight/max", "dino_weight")):
-        records = [r for r in read_jsonl(run_dir / f"{part}_logs" / "r.jsonl") if "metrics" in r]
+        records = [r for r in tree(run_dir, "r").records(part) if "metrics" in r]
         prefix = "monitor/train" if part == "monitor" else f"monitor/{part}"
         field = key.rsplit("/", 1)[1]
         got = [(row[f"{prefix}/step"], row[key]) for row in rows if key in row]
