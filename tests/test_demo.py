@@ -61,6 +61,7 @@ def check_tree(run_dir: Path, world_size: int, steps: int, extra=()) -> None:
     # steps 1-2: 2 forwards x 2 images x batch 2 on each rank
     assert moe[1]["metrics"]["dino_weight"]["count"] == 8 * world_size
 
+
 def documented_tree(readme: Path) -> set[str]:
     """The file paths (``folder/name``, relative to ``runs/{run_id}/``) that the README's
     "The log tree" block lists, comments dropped."""
@@ -101,7 +102,6 @@ def test_run_layout_spells_the_documented_log_tree():
     readme = (ROOT / "README.md").read_text()
     assert f"`runs/{{run_id}}/{layout.stream(TRAIN)}`" in readme
     assert "`{run_id}_summary.json` and `{run_id}_meta.json`" in readme
-
 
 
 @pytest.mark.slow
