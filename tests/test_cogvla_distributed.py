@@ -14,6 +14,7 @@ pytestmark = pytest.mark.distributed
 PARTS = ("lfp", "film", "moe", "aggr")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_public_script_with_the_monitor_on_rank0_only_finishes_and_writes_every_stream(
         tmp_path, accumulation):
@@ -47,6 +48,7 @@ def test_public_script_with_the_monitor_on_rank0_only_finishes_and_writes_every_
     assert 0.0 < last["monitor/lfp/pruned_percent"] < 1.0
 
 
+@pytest.mark.slow
 def test_public_script_with_the_monitor_on_every_rank_reduces_both_ranks(tmp_path):
     run_dir = tmp_path / "cogvla"
     out = run_world(public_script, 2, tmp_path, timeout=150, run_dir=str(run_dir), steps=3,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from tree import tree
 
+from monitor.__main__ import main as report_main
 from monitor.layout import LOCK_NAME, TENSORBOARD, TRAIN, RunLayout, folder_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,8 @@ def run_demo(tmp_path, torchrun: bool, steps: int, *extra: str, env_extra=None) 
                 "--nproc_per_node", "2"] if torchrun else [sys.executable]
     cmd = launcher + [str(ROOT / "scripts" / "demo_train.py"), "--run-dir", str(run_dir),
                       "--run-id", "demo", "--steps", str(steps), "--log-interval", "4",
-                      "--event-interval", "2", "--detailed-interval", "4", *extra]
+                      "--event-interval", "2", "--detailed-interval", "4", "--image-size", "16",
+                      *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     env.update(env_extra or {})
@@ -106,7 +108,8 @@ def test_run_layout_spells_the_documented_log_tree():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_readme_commands_take_the_demo_to_tensorboard_wandb_offline_and_the_report(tmp_path):
+def test_readme_commands_take_the_demo_to_tensorboard_wandb_offline_and_the_report(tmp_path,
+                                                                                 capsys):
     """The README's path: the demo under torchrun with W&B offline writes the full tree of
     all five parts, then TensorBoard's reader, the W&B offline run, and ``python -m monitor
     report``. (The demo without W&B: the single-process test below.)"""
@@ -130,9 +133,9 @@ def test_readme_commands_take_the_demo_to_tensorboard_wandb_offline_and_the_repo
     key = "monitor/train/loss/mean"
     assert [r[key] for r in rows if key in r] == [
         r["metrics"]["loss"]["mean"] for r in train]
-    done = subprocess.run([sys.executable, "-m", "monitor", "report", str(run_dir)],
-                          capture_output=True, text=True, timeout=120, check=True)
-    assert "== lfp: 4 records, steps 0..5" in done.stdout
+    # the report in this process (the `python -m monitor` entry point itself: test_report.py)
+    assert report_main(["report", str(run_dir)]) == 0
+    assert "== lfp: 4 records, steps 0..5" in capsys.readouterr().out
     assert sorted(p.name for p in (run_dir / "report").glob("*.png")) == [
         "film.png", "lfp.png", "moe.png", "train.png"]
 

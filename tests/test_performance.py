@@ -68,6 +68,7 @@ def footprint(parts, train) -> dict:
     return sizes
 
 
+@pytest.mark.slow
 def test_memory_kept_between_steps_does_not_grow_with_the_number_of_steps(tmp_path):
     tracemalloc.start()  # before anything exists: every object the monitor keeps is traced
     session = MonitorSession(tmp_path / "run", "mem", participation="local")

@@ -87,6 +87,7 @@ def train(mon, model, model_cfg, steps, inject=None):
 
 # -- 1. a crash of the training script --------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["with_inside", "with_outside", "exit_inside", "exit_outside"])
 def test_a_crash_keeps_every_flushed_record_and_writes_failed_with_the_error_type(
         tmp_path, mode):
@@ -541,6 +542,7 @@ def test_sessions_of_one_process_share_the_lock_and_the_last_one_releases_it(tmp
     assert not (tmp_path / "r" / ".monitor.lock").exists()
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_runs_folder_never_touch_each_others_files(tmp_path):
     runs = tmp_path / "runs"
     procs = [script(runs / name, "exit_clean", run_id=name) for name in ("a", "b")]

@@ -48,6 +48,7 @@ def keys_and_paths(run_dir):
     return keys, paths, meta
 
 
+@pytest.mark.slow
 def test_peft_lora_model_gives_the_bare_models_keys(tmp_path):
     peft = pytest.importorskip("peft")
     cfg = TinyCogVLAConfig(image_size=16)
@@ -103,6 +104,7 @@ def _wrapped_world(rank, world_size, run_dir, wrapper):
     return counts
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "fsdp2"])
 def test_ddp_and_fsdp_wrapped_models_give_clean_keys_and_rank0_alone_writes(tmp_path, wrapper):
