@@ -122,3 +122,15 @@ def test_ddp_and_fsdp_wrapped_models_give_clean_keys_and_rank0_alone_writes(tmp_
     rec = tree(run_dir, "r").records("moe")[0]
     assert rec["world_size"] == 2 and rec["metrics"]["entropy"]["count"] == 8  # 2 ranks x 2 x 2
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_paths_of_walks_once_and_matches_path_of_wrapped_or_not():
+    from monitor.pruning.adapters import path_of, paths_of
+
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.ReLU()))
+    wrapped = torch.nn.Module()
+    wrapped.module = inner  # a DDP-style wrapper: its segment is dropped
+    stranger = torch.nn.Linear(2, 2)
+    wanted = [inner[1][0], stranger, inner[0], inner[1][0]]
+    assert paths_of(wrapped, wanted) == ["1.0", None, "0", "1.0"]
+    assert [path_of(wrapped, m) for m in wanted] == paths_of(wrapped, wanted)

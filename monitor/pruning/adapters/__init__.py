@@ -7,6 +7,8 @@ Generic helpers shared by every adapter: unwrap the wrappers training puts aroun
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 WRAPPER_SEGMENTS = ("module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module",
@@ -66,10 +68,19 @@ def clean_name(name: str) -> str:
 
 def path_of(root: torch.nn.Module, module: torch.nn.Module) -> str | None:
     """``module``'s wrapper-free path under ``root`` (None if it is not inside)."""
+    return paths_of(root, [module])[0]
+
+
+def paths_of(root: torch.nn.Module, modules: Sequence[torch.nn.Module]) -> list[str | None]:
+    """:func:`path_of` for each of ``modules``, in one walk of ``root``'s tree."""
+    wanted = {id(m) for m in modules}  # the modules are alive (held by ``modules``)
+    found: dict[int, str] = {}
     for name, m in root.named_modules():
-        if m is module:
-            return clean_name(name)
-    return None
+        if id(m) in wanted and id(m) not in found:
+            found[id(m)] = clean_name(name)
+            if len(found) == len(wanted):
+                break
+    return [found.get(id(m)) for m in modules]
 
 
 def get_path(root: object, path: str) -> object | None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from monitor.pruning.adapters import get_path, path_of, unwrap
+from monitor.pruning.adapters import get_path, path_of, paths_of, unwrap
 from monitor.pruning.aggregation import AggregationObserver
 from monitor.pruning.film import FiLMObserver
 from monitor.pruning.moe import MoERouterObserver
@@ -203,7 +203,7 @@ class CogVLALfpAdapter:
         self.observer.describe(
             layers=chosen, layers_from=how, missing_layers=missing,
             router_factor={c: float(lay.router_factor) for lay, c in zip(lfp_layers, comps)},
-            modules=[path_of(root, lay.router) for lay in lfp_layers])
+            modules=paths_of(root, [lay.router for lay in lfp_layers]))
         return len(chosen)
 
     def _hook(self, layer: torch.nn.Module, component: str):
