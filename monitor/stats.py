@@ -186,6 +186,37 @@ def rows_of_bins_many(values: torch.Tensor, bins: Bins | Sequence[float]) -> tor
     return rows
 
 
+def grouped_rows(values: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """One row per quantity and group: ``(k, num_groups, 6)`` for ``values`` ``(k, B, n)``.
+
+    Sample ``b`` of the batch (its ``n`` values of each of the ``k`` quantities) belongs to
+    group ``groups[b]`` (a long tensor ``(B,)`` on ``values``' device, each in
+    ``0 .. num_groups``; ``num_groups`` itself is a discard bucket for samples of no group,
+    left out of the result). ``valid`` ``(k, B, n)`` leaves elements out as in
+    :func:`rows_of_samples`. Each sample is summarised first (two-pass, like
+    :func:`rows_of_samples`), then its moments are combined into its group's row exactly
+    (``M2_g = sum_b M2_b + sum_b n_b (mean_b - mean_g)^2``) with ``index_add_`` and
+    ``scatter_reduce_`` on the device: no loop over groups, no host sync.
+    """
+    k, batch, n = values.shape
+    per_sample = rows_of_samples(values.reshape(k * batch, n),
+                                 None if valid is None else valid.reshape(k * batch, n))
+    count, mean = per_sample[:, COUNT], per_sample[:, MEAN]
+    buckets = num_groups + 1
+    index = (torch.arange(k, device=values.device).unsqueeze(1) * buckets
+             + groups.to(torch.long).unsqueeze(0)).reshape(-1)  # (k * B,)
+    zeros = torch.zeros(k * buckets, dtype=DTYPE, device=values.device)
+    n_g = zeros.index_add(0, index, count)
+    mean_g = zeros.index_add(0, index, count * mean) / n_g.clamp(min=1.0)
+    spread = per_sample[:, M2] + count * (mean - mean_g.index_select(0, index)).square()
+    lo = torch.full_like(zeros, math.inf).scatter_reduce_(0, index, per_sample[:, MIN], "amin")
+    hi = torch.full_like(zeros, -math.inf).scatter_reduce_(0, index, per_sample[:, MAX], "amax")
+    rows = torch.stack([n_g, torch.where(n_g > 0, mean_g, 0.0), zeros.index_add(0, index, spread),
+                        lo, hi, zeros.index_add(0, index, per_sample[:, NONFINITE])], dim=1)
+    return rows.view(k, buckets, NUM_COLS)[:, :num_groups]
+
+
 def rows_of_scalars(values: torch.Tensor) -> torch.Tensor:
     """One row per element of the 1-d ``values`` (each a single sample)."""
     x = values.detach().reshape(-1).to(DTYPE)

@@ -52,6 +52,8 @@ class FiLMObserver(Observer):
         event_interval: steps between compact records.
         detailed_interval: steps between detailed records.
         hist_edges: bin edges of the gamma and beta histograms.
+        group_names: per-task groups (see :class:`~monitor.observer.Observer`): each
+            ``overall/{m}`` gets ``groups/{group}/{m}`` and ``eta2/{m}``.
     """
 
     part = "film"
@@ -59,9 +61,11 @@ class FiLMObserver(Observer):
 
     def __init__(self, session: MonitorSession, components: Sequence[str] = (), *,
                  event_interval: int = 10, detailed_interval: int = 500,
-                 hist_edges: Sequence[float] = DEFAULT_EDGES) -> None:
+                 hist_edges: Sequence[float] = DEFAULT_EDGES,
+                 group_names: Sequence[str] | None = None) -> None:
         super().__init__(session, event_interval=event_interval,
-                         detailed_interval=detailed_interval)
+                         detailed_interval=detailed_interval, group_names=group_names)
+        self.declare_groups(OVERALL)
         self._edges = [float(e) for e in hist_edges]
         self.components: list[str] = []
         self._names: dict[str, dict[str, tuple]] = {}
@@ -100,38 +104,57 @@ class FiLMObserver(Observer):
             if value is None or value.numel() == 0:
                 continue
             value = value.detach().reshape(-1, value.shape[-1])
-            self.defer((component, kind), self._observe_deferred, (component, kind, value,
-                                                                   self.inplace_version(value)))
+            self.defer((component, kind), self._observe_deferred,
+                       (component, kind, self.current_groups, value,
+                        self.inplace_version(value)))
 
     def _observe_deferred(self, items: list[tuple]) -> None:
         groups: dict[tuple, list[tuple]] = {}
-        for component, kind, value, _ in self.unchanged(items):
-            groups.setdefault((value.shape, value.device), []).append((component, kind, value))
+        for component, kind, labels, value, _ in self.unchanged(items):
+            groups.setdefault((value.shape, value.device, id(labels)), []).append(
+                (component, kind, value, labels))
         for group in groups.values():
-            values = torch.stack([v for _, _, v in group]).to(stats.DTYPE)  # (n, B, width)
+            values = torch.stack([v for _, _, v, _ in group]).to(stats.DTYPE)  # (n, B, width)
             n = values.shape[0]
-            names = [self._names[c] for c, _, _ in group]
+            names = [self._names[c] for c, _, _, _ in group]
             element = stats.rows_of_samples(values.reshape(n, -1))
-            norm = stats.rows_of_samples(values.norm(dim=2))
+            norms = values.norm(dim=2)  # (n, B)
+            norm = stats.rows_of_samples(norms)
             self.events.slots.update_rows(
-                joined_names([nm[kind] for nm, (_, kind, _) in zip(names, group)]),
+                joined_names([nm[kind] for nm, (_, kind, _, _) in zip(names, group)]),
                 torch.stack([element, norm], dim=1).reshape(-1, stats.NUM_COLS))
-            self.add_to_histograms([nm[f"{kind}_hist"] for nm, (_, kind, _) in zip(names, group)],
+            self.add_to_histograms([nm[f"{kind}_hist"]
+                                    for nm, (_, kind, _, _) in zip(names, group)],
                                    values.reshape(n, -1))
-            self._strength(group, values)
+            strength = self._strength(group, values)
+            if self.group_names is not None:
+                self._group_rows(group, norms, strength, group[0][3])
 
-    def _strength(self, group: list[tuple], values: torch.Tensor) -> None:
-        """``modulation_strength`` of every component with both gamma and beta here."""
-        where = {(c, kind): i for i, (c, kind, _) in enumerate(group)}
-        pairs = [(where[(c, "gamma")], where[(c, "beta")], c) for c, kind, _ in group
+    def _strength(self, group: list[tuple], values: torch.Tensor) -> torch.Tensor | None:
+        """``modulation_strength`` ``(pairs, B)`` of every component with both gamma and
+        beta here (None when there is none)."""
+        where = {(c, kind): i for i, (c, kind, _, _) in enumerate(group)}
+        pairs = [(where[(c, "gamma")], where[(c, "beta")], c) for c, kind, _, _ in group
                  if kind == "gamma" and (c, "beta") in where]
         if not pairs:
-            return
+            return None
         sq = values.square().mean(dim=2)  # (n, B)
         strength = (sq[[g for g, _, _ in pairs]] + sq[[b for _, b, _ in pairs]]).sqrt()
         self.events.slots.update_rows(
             joined_names([self._names[c]["strength"] for _, _, c in pairs]),
             stats.rows_of_samples(strength))
+        return strength
+
+    def _group_rows(self, group: list[tuple], norms: torch.Tensor,
+                    strength: torch.Tensor | None, labels) -> None:
+        """Each sample's norms and strength over every component, into its group's slots."""
+        for kind, metric in (("gamma", "gamma_norm"), ("beta", "beta_norm")):
+            idx = [i for i, (_, k, _, _) in enumerate(group) if k == kind]
+            if idx:
+                self.add_group_rows((metric,), norms[idx].T.unsqueeze(0), labels=labels)
+        if strength is not None:
+            self.add_group_rows(("modulation_strength",), strength.T.unsqueeze(0),
+                                labels=labels)
 
     def get_summary(self) -> dict:
         """Last compact record: overall ``gamma_norm``, ``beta_norm``,
