@@ -20,10 +20,13 @@ raises; the part writes them as alert records (``{"step", "time", "world_size", 
                                after the first ``warmup`` (10). Alerts once; re-arms when a
                                layer's margin comes back over the threshold.
 ``routing_ignores_instruction``  with groups set, ``eta2`` of a watched metric (MoE: every
-(moe, lfp)                     ``{expert}_weight``; LFP: ``p_keep``) stays below
-                               ``threshold`` (0.01) for ``patience`` (5) records in a row
-                               (a null eta2 neither counts nor breaks the run). Alerts once
-                               per metric; re-arms when eta2 comes back over it.
+(moe, lfp)                     ``{expert}_weight``; LFP: ``p_keep``) stays below its chance
+                               level plus ``threshold`` (``value < chance + 0.01``) for
+                               ``patience`` (5) records in a row. Only informative records
+                               count (eta2 defined and at least 2 samples per group:
+                               ``count >= 2 * groups``); the others neither count nor break
+                               the run. Alerts once per metric; re-arms when eta2 comes back
+                               over it.
 =============================  ===========================================================
 """
 
@@ -34,6 +37,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from monitor.checks import as_int, check_positive_int, check_positive_number
+from monitor.groups import informative
 
 
 def _pool(moments) -> tuple[int, float, float]:
@@ -167,20 +171,23 @@ class IgnoresInstruction:
         self.patience = check_positive_int(names[1], patience)
         self._below = dict.fromkeys(self.metrics, 0)
 
-    def check(self, eta2: dict[str, float | None]) -> list[dict]:
+    def check(self, eta2: dict[str, dict]) -> list[dict]:
+        """The alerts of one record, given its ``eta2`` objects (:mod:`monitor.groups`)."""
         if self.threshold is None:
             return []
         alerts = []
         for metric in self.metrics:
             value = eta2.get(metric)
-            if value is None:
+            if value is None or not informative(value):
                 continue
-            if value >= self.threshold:
+            if value["value"] >= value["chance"] + self.threshold:
                 self._below[metric] = 0
                 continue
             self._below[metric] += 1
             if self._below[metric] == self.patience:
                 alerts.append({"type": "routing_ignores_instruction", "metric": metric,
-                               "eta2": value, "threshold": self.threshold,
+                               "eta2": value["value"], "chance": value["chance"],
+                               "groups": value["groups"], "count": value["count"],
+                               "threshold": self.threshold,
                                "consecutive_records": self.patience})
         return alerts

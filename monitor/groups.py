@@ -27,15 +27,23 @@ collective alone).
 over the groups' reduced rows (``n_g`` samples, mean ``mean_g``, sum of squared deviations
 ``M2_g``; ``mean`` the pooled mean): exact, from the moments the flush already reduced, with
 no collective of its own. 0: every group has the same mean (the task explains none of the
-variation); 1: the samples of a group are all alike and only the task moves the value. It is
-null when fewer than two groups saw a value or when every value is the same (no variation to
-explain). With few samples per group it is biased upward: with ``G`` groups and ``N``
-independent samples and no effect of the task at all, its expectation is about
-``(G - 1) / (N - 1)``.
+variation: every task routes alike); 1: the samples of a group are all alike and only the
+task moves the value (the task decides everything). A group's samples are its samples'
+values, one per sample and hook call (the sample's mean over the components and elements of
+that call: :func:`monitor.stats.grouped_rows`), so eta^2 says how much of the spread *between
+samples* the task explains, not the spread between layers or tokens.
+
+A record's ``eta2`` of a metric is ``{"value", "chance", "groups", "count"}``: ``value`` is
+eta^2 (null when fewer than two groups saw a value or every value is the same: no variation
+to explain), ``groups`` the groups with a value, ``count`` their samples, and ``chance`` =
+``(groups - 1) / (count - 1)``, what eta^2 is on average when the task has no effect at all
+(independent samples): with few samples per group eta^2 is high by chance alone (one sample
+per group gives 1), so read ``value`` against ``chance``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -190,11 +198,9 @@ def invalid_ids_error(part: str, value: dict, num_groups: int) -> ValueError:
         "invalid_group_ids alert)")
 
 
-def eta2_values(rows: torch.Tensor) -> list[float | None]:
-    """eta^2 of each metric from its groups' reduced rows ``(M, G, >= 6)`` (host rows):
-    a float in [0, 1], or None where it is undefined (see the module docstring)."""
-    if rows.numel() == 0:
-        return [None] * rows.shape[0]
+def eta2_values(rows: torch.Tensor) -> list[dict]:
+    """The ``eta2`` object of each metric from its groups' reduced rows ``(M, G, >= 6)``
+    (host rows): ``{"value", "chance", "groups", "count"}`` (see the module docstring)."""
     r = rows[..., : stats.NUM_COLS].to(stats.DTYPE)
     n, mean, m2 = r[..., stats.COUNT], r[..., stats.MEAN], r[..., stats.M2]
     seen = n > 0
@@ -203,12 +209,26 @@ def eta2_values(rows: torch.Tensor) -> list[float | None]:
     between = torch.where(seen, n * (mean - grand.unsqueeze(1)).square(), 0.0).sum(dim=1)
     within = torch.where(seen, m2, 0.0).sum(dim=1)
     ss = between + within
-    lo = torch.where(seen, r[..., stats.MIN], float("inf")).amin(dim=1)
-    hi = torch.where(seen, r[..., stats.MAX], float("-inf")).amax(dim=1)
-    defined = (seen.sum(dim=1) >= 2) & (hi > lo) & (ss > 0)
+    lo = torch.where(seen, r[..., stats.MIN], math.inf).amin(dim=1)
+    hi = torch.where(seen, r[..., stats.MAX], -math.inf).amax(dim=1)
+    num = seen.sum(dim=1)
+    defined = (num >= 2) & (hi > lo) & (ss > 0)
     value = (between / ss.clamp(min=1e-300)).clamp(0.0, 1.0)
-    return [float(v) if ok else None for v, ok in zip(value.tolist(), defined.tolist())]
+    out = []
+    for v, ok, g, count in zip(value.tolist(), defined.tolist(), num.tolist(),
+                               total.to(torch.int64).tolist()):
+        chance = (g - 1) / (count - 1) if g >= 2 and count > 1 else None
+        out.append({"value": v if ok else None, "chance": chance, "groups": g,
+                    "count": count})
+    return out
 
 
-__all__ = ["INVALID", "PREFIX", "GroupIds", "check_group_names", "eta2_values", "key",
-           "make_group_ids", "split_key"]
+def informative(eta2: dict) -> bool:
+    """Whether an ``eta2`` object can tell a task-blind routing from chance: defined, and
+    at least two samples per group on average (``count >= 2 * groups``)."""
+    return eta2.get("value") is not None and eta2.get("chance") is not None and \
+        eta2["count"] >= 2 * eta2["groups"]
+
+
+__all__ = ["INVALID", "PREFIX", "GroupIds", "check_group_names", "eta2_values", "informative",
+           "key", "make_group_ids", "split_key"]

@@ -156,8 +156,8 @@ class Observer:
                                                                     "detailed": {}}
         self._group_error: ValueError | None = None
         self._ungrouped = 0
-        self.last_eta2: dict[str, float | None] = {}
-        """The ``eta2`` of the last compact record (empty without groups)."""
+        self.last_eta2: dict[str, dict] = {}
+        """The ``eta2`` objects of the last compact record (empty without groups)."""
         if self.group_names is not None:
             self.events.slots.declare([groups.INVALID])
             self.attached["groups"] = list(self.group_names)
@@ -446,8 +446,8 @@ class Observer:
             out.update(metrics_of([f"overall/{metric}"], stats.combine_all(rows[idx])))
         return out
 
-    def _eta2(self, kind: str, names: list[str], rows: torch.Tensor) -> dict[str, float | None]:
-        """``{metric: eta2}`` of the group metrics of ``kind`` from the reduced rows."""
+    def _eta2(self, kind: str, names: list[str], rows: torch.Tensor) -> dict[str, dict]:
+        """``{metric: eta2 object}`` of the group metrics of ``kind`` (reduced rows)."""
         table = self._group_slots[kind]
         position = {n: i for i, n in enumerate(names)}
         missing = len(names)  # an empty row appended below: a slot no rank sent

@@ -101,7 +101,7 @@ class PartWriter:
         self._on_resume = on_resume
         self.summary = SummaryTracker()
         self.eta2 = SummaryTracker()
-        """First/last/min/max of each metric's ``eta2`` per stream (records with groups)."""
+        """First/last/min/max of each metric's ``eta2`` value per stream (with groups)."""
         self.alerts: list[dict] = []
         self._nonfinite_seen: set[tuple[str, str]] = set()
         self._summary_written_at = -math.inf
@@ -131,7 +131,8 @@ class PartWriter:
         return written
 
     def _add_eta2(self, step: int, scope: str, eta2: dict) -> None:
-        self.eta2.add(step, scope, {m: {"mean": v, "nonfinite": 0} for m, v in eta2.items()})
+        self.eta2.add(step, scope, {m: {"mean": v.get("value") if isinstance(v, dict) else None,
+                                        "nonfinite": 0} for m, v in eta2.items()})
 
     def alert(self, step: int, alert: dict) -> None:
         """Write an alert record (and log it on the writing rank)."""

@@ -188,32 +188,36 @@ def rows_of_bins_many(values: torch.Tensor, bins: Bins | Sequence[float]) -> tor
 
 def grouped_rows(values: torch.Tensor, groups: torch.Tensor, num_groups: int,
                  valid: torch.Tensor | None = None) -> torch.Tensor:
-    """One row per quantity and group: ``(k, num_groups, 6)`` for ``values`` ``(k, B, n)``.
+    """One row per quantity and group, of one value per sample: ``(k, num_groups, 6)`` for
+    ``values`` ``(k, B, n)``.
 
-    Sample ``b`` of the batch (its ``n`` values of each of the ``k`` quantities) belongs to
-    group ``groups[b]`` (a long tensor ``(B,)`` on ``values``' device, each in
-    ``0 .. num_groups``; ``num_groups`` itself is a discard bucket for samples of no group,
-    left out of the result). ``valid`` ``(k, B, n)`` leaves elements out as in
-    :func:`rows_of_samples`. Each sample is summarised first (two-pass, like
-    :func:`rows_of_samples`), then its moments are combined into its group's row exactly
-    (``M2_g = sum_b M2_b + sum_b n_b (mean_b - mean_g)^2``) with ``index_add_`` and
-    ``scatter_reduce_`` on the device: no loop over groups, no host sync.
+    Sample ``b`` of the batch belongs to group ``groups[b]`` (a long tensor ``(B,)`` on
+    ``values``' device, each in ``0 .. num_groups``; ``num_groups`` itself is a discard
+    bucket for samples of no group, left out of the result). Its value of quantity ``i`` is
+    the mean of its ``n`` elements ``values[i, b]`` that are finite and ``valid`` (as in
+    :func:`rows_of_samples`); a sample with none is not counted. A group's row holds the
+    moments, min and max of its samples' values (COUNT: how many samples), and NONFINITE the
+    NaN/Inf elements of its samples (left out of their means). Two-pass per group, with
+    ``index_add`` and ``scatter_reduce_`` on the device: no loop over groups, no host sync.
     """
     k, batch, n = values.shape
-    per_sample = rows_of_samples(values.reshape(k * batch, n),
-                                 None if valid is None else valid.reshape(k * batch, n))
-    count, mean = per_sample[:, COUNT], per_sample[:, MEAN]
+    per = rows_of_samples(values.reshape(k * batch, n),
+                          None if valid is None else valid.reshape(k * batch, n))
+    seen = per[:, COUNT] > 0
+    x = torch.where(seen, per[:, MEAN], 0.0)
     buckets = num_groups + 1
     index = (torch.arange(k, device=values.device).unsqueeze(1) * buckets
              + groups.to(torch.long).unsqueeze(0)).reshape(-1)  # (k * B,)
     zeros = torch.zeros(k * buckets, dtype=DTYPE, device=values.device)
-    n_g = zeros.index_add(0, index, count)
-    mean_g = zeros.index_add(0, index, count * mean) / n_g.clamp(min=1.0)
-    spread = per_sample[:, M2] + count * (mean - mean_g.index_select(0, index)).square()
-    lo = torch.full_like(zeros, math.inf).scatter_reduce_(0, index, per_sample[:, MIN], "amin")
-    hi = torch.full_like(zeros, -math.inf).scatter_reduce_(0, index, per_sample[:, MAX], "amax")
-    rows = torch.stack([n_g, torch.where(n_g > 0, mean_g, 0.0), zeros.index_add(0, index, spread),
-                        lo, hi, zeros.index_add(0, index, per_sample[:, NONFINITE])], dim=1)
+    n_g = zeros.index_add(0, index, seen.to(DTYPE))
+    mean_g = zeros.index_add(0, index, x) / n_g.clamp(min=1.0)
+    spread = torch.where(seen, (x - mean_g.index_select(0, index)).square(), 0.0)
+    lo = torch.full_like(zeros, math.inf).scatter_reduce_(
+        0, index, torch.where(seen, x, math.inf), "amin")
+    hi = torch.full_like(zeros, -math.inf).scatter_reduce_(
+        0, index, torch.where(seen, x, -math.inf), "amax")
+    rows = torch.stack([n_g, mean_g, zeros.index_add(0, index, spread), lo, hi,
+                        zeros.index_add(0, index, per[:, NONFINITE])], dim=1)
     return rows.view(k, buckets, NUM_COLS)[:, :num_groups]
 
 

@@ -113,8 +113,8 @@ def scalars(part: str, kind: str, record: dict, export_all: bool = False
     base = prefix(part, kind)
     metrics = record.get("metrics", {})
     for key, v in (record.get(ETA2) or {}).items():
-        if v is not None:
-            yield name(base, f"{ETA2}/{escape(key)}", "value"), v
+        if isinstance(v, dict) and v.get("value") is not None:
+            yield name(base, f"{ETA2}/{escape(key)}", "value"), v["value"]
     if export_all:
         for key, value in metrics.items():
             key = escape(key)

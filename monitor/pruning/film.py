@@ -113,6 +113,7 @@ class FiLMObserver(Observer):
         for component, kind, labels, value, _ in self.unchanged(items):
             groups.setdefault((value.shape, value.device, id(labels)), []).append(
                 (component, kind, value, labels))
+        by_labels: dict[int, list] = {}
         for group in groups.values():
             values = torch.stack([v for _, _, v, _ in group]).to(stats.DTYPE)  # (n, B, width)
             n = values.shape[0]
@@ -128,7 +129,9 @@ class FiLMObserver(Observer):
                                    values.reshape(n, -1))
             strength = self._strength(group, values)
             if self.group_names is not None:
-                self._group_rows(group, norms, strength, group[0][3])
+                by_labels.setdefault(id(group[0][3]), []).append((group, norms, strength))
+        for parts in by_labels.values():
+            self._group_rows(parts)
 
     def _strength(self, group: list[tuple], values: torch.Tensor) -> torch.Tensor | None:
         """``modulation_strength`` ``(pairs, B)`` of every component with both gamma and
@@ -145,16 +148,27 @@ class FiLMObserver(Observer):
             stats.rows_of_samples(strength))
         return strength
 
-    def _group_rows(self, group: list[tuple], norms: torch.Tensor,
-                    strength: torch.Tensor | None, labels) -> None:
-        """Each sample's norms and strength over every component, into its group's slots."""
+    def _group_rows(self, parts: list[tuple]) -> None:
+        """Each sample's norms and strength, averaged over every component of this pass
+        (both encoders), into its group's slots. ``parts``: ``(group, norms, strength)``
+        of the calls made under one set of labels."""
+        labels = parts[0][0][0][3]
         for kind, metric in (("gamma", "gamma_norm"), ("beta", "beta_norm")):
-            idx = [i for i, (_, k, _, _) in enumerate(group) if k == kind]
-            if idx:
-                self.add_group_rows((metric,), norms[idx].T.unsqueeze(0), labels=labels)
-        if strength is not None:
-            self.add_group_rows(("modulation_strength",), strength.T.unsqueeze(0),
-                                labels=labels)
+            picked = [norms[[i for i, it in enumerate(group) if it[1] == kind]]
+                      for group, norms, _ in parts if any(it[1] == kind for it in group)]
+            self._add_averaged(metric, picked, labels)
+        self._add_averaged("modulation_strength",
+                           [s for _, _, s in parts if s is not None], labels)
+
+    def _add_averaged(self, metric: str, values: list[torch.Tensor], labels) -> None:
+        """``values``: ``(components, B)`` tensors; one group sample per column."""
+        if not values:
+            return
+        if len({v.shape[1] for v in values}) > 1:  # batches differ: not one sample each
+            for v in values:
+                self.add_group_rows((metric,), v.T.unsqueeze(0), labels=labels)
+            return
+        self.add_group_rows((metric,), torch.cat(values).T.unsqueeze(0), labels=labels)
 
     def get_summary(self) -> dict:
         """Last compact record: overall ``gamma_norm``, ``beta_norm``,
