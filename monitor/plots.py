@@ -248,7 +248,7 @@ def plot_groups(plt, run: RunLog, path: Path) -> Path | None:
         if overall["mean"] is not None:
             ax.axvline(overall["mean"], color="black", linewidth=1.0, label="all groups")
             ax.legend(fontsize=small, loc="lower right")
-        last = next((rec["eta2"][metric] for rec in reversed(log.records)
+        last: dict = next((rec["eta2"][metric] for rec in reversed(log.records)
                      if isinstance((rec.get("eta2") or {}).get(metric), dict)), {})
         ax.set_title(f"{title}\n\u03b7\u00b2 last record {_eta_text(last)}\n"
                      f"whole run {_eta_text(_eta2_of(pooled))}", fontsize=9)
