@@ -224,7 +224,7 @@ def _short(text: str, width: int = 38) -> str:
 def plot_groups(plt, run: RunLog, path: Path) -> Path | None:
     """groups.png: per group (one row each, in the declared order, shared by the panels),
     the MoE SigLIP weight, the FiLM gamma norm and the LFP visual ``p_keep`` pooled over
-    the run (bar: mean, whisker: std), with eta^2 of the last record and of the whole run
+    the run (dot: mean, whiskers: std), with eta^2 of the last record and of the whole run
     in each panel's title; below, eta^2 of each over steps. None when no part has groups."""
     panels = [(part, metric, title, colour) for part, metric, title, colour in GROUP_PANELS
               if part in run and any(k.startswith(GROUP_PREFIX) and k.endswith(f"/{metric}")
@@ -241,19 +241,24 @@ def plot_groups(plt, run: RunLog, path: Path) -> Path | None:
         log = run[part]
         pooled = _pooled_by_group(log, metric, names)
         ys = [i for i, v in enumerate(pooled) if v["mean"] is not None]
-        ax.barh(ys, [pooled[i]["mean"] for i in ys], xerr=[pooled[i]["std"] for i in ys],
-                color=colour, alpha=0.8, height=0.7, error_kw={"linewidth": 0.8,
-                                                                "ecolor": "0.3"})
+        # dots, not bars from 0: tasks differ in the third digit of a weight near 0.5
+        ax.errorbar([pooled[i]["mean"] for i in ys], ys, xerr=[pooled[i]["std"] for i in ys],
+                    fmt="o", color=colour, markersize=4, elinewidth=0.9, capsize=2)
         overall = combine(pooled)
         if overall["mean"] is not None:
-            ax.axvline(overall["mean"], color="black", linewidth=1.0, label="all groups")
+            ax.axvline(overall["mean"], color="black", linewidth=0.8, linestyle=":",
+                       label="all groups")
             ax.legend(fontsize=small, loc="lower right")
+        for i, v in enumerate(pooled):
+            if v["mean"] is None:
+                ax.text(0.02, i, "no samples", transform=ax.get_yaxis_transform(),
+                        fontsize=small, color="0.5", va="center")
         last: dict = next((rec["eta2"][metric] for rec in reversed(log.records)
-                     if isinstance((rec.get("eta2") or {}).get(metric), dict)), {})
+                           if isinstance((rec.get("eta2") or {}).get(metric), dict)), {})
         ax.set_title(f"{title}\n\u03b7\u00b2 last record {_eta_text(last)}\n"
                      f"whole run {_eta_text(_eta2_of(pooled))}", fontsize=9)
         ax.set_ylim(rows - 0.5, -0.5)
-        ax.grid(True, axis="x", alpha=0.3)
+        ax.grid(True, alpha=0.3)
         ax.tick_params(axis="x", labelsize=small)
         ax.set_xlabel(f"{metric} (mean \u00b1 std over the run)", fontsize=small)
         ax.set_yticks(range(rows))

@@ -13,7 +13,7 @@ lfp.png       keep probability ``p_keep`` and top-k ``margin`` of each LFP layer
 film.png      ``gamma_norm``, ``beta_norm``, ``modulation_strength`` per sampled block
 moe.png       DINOv2/SigLIP weights (min-max band) and the routing entropy
 groups.png    a run with groups: per group, the MoE SigLIP weight, the FiLM
-              ``gamma_norm`` and the LFP ``p_keep`` over the run (mean, std), eta^2 in
+              ``gamma_norm`` and the LFP ``p_keep`` over the run (mean +- std), eta^2 in
               each panel's title, and eta^2 of each over steps
 ============  ==================================================================
 
