@@ -19,6 +19,12 @@ The first time a metric has non-finite values in a record, an alert record
 on). Values carry ``min_rank``/``max_rank`` (and ``nonfinite_ranks``) like the training
 metrics' (:mod:`monitor.records`).
 
+With ``group_names``, :meth:`Observer.set_groups` labels the samples of the next
+forward(s), and each metric an observer declares with :meth:`Observer.declare_groups` gets
+one row per group (``groups/{group}/{metric}``, one value per sample and hook call) in the
+same fused flush, and each record an ``eta2`` object per such metric
+(:mod:`monitor.groups`).
+
 Every slot is declared before the first hook fires (:meth:`Observer.declare`), so every
 rank reduces the same rows whichever hooks fired. Hooks run under ``torch.no_grad()`` on
 detached tensors, return None and never raise into the model: an error inside one is

@@ -15,6 +15,9 @@ key                        samples (one per sample per encoder call)            
 ``{enc}/token_cosine``     mean pairwise cosine similarity of the K tokens that left
                            (1: all alike, 0: orthogonal; as low as -1/(K-1))           detailed
 =========================  ==========================================================  ========
+
+With ``group_names``: ``groups/{g}/{m}`` for each ``overall/{m}`` (``token_cosine``'s in the
+detailed stream; one value per sample per encoder call) and the record's ``eta2``.
 """
 
 from __future__ import annotations

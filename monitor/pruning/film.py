@@ -25,6 +25,9 @@ key                             samples (one per ...)                           
 ``{c}/modulation_strength``     sample (see above)                                   events
 ``{c}/gamma``, ``{c}/beta``     histograms of the elements over fixed bins           detailed
 ==============================  ===================================================  ========
+
+With ``group_names``: ``groups/{g}/{m}`` for the three ``overall/{m}`` (one value per sample
+per pass: its mean over every component of the pass) and the record's ``eta2``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ Collapse alert: when an expert's mean weight in a compact record is above
 "mean_weight", "threshold", "consecutive_records"}}`` is appended to the compact stream,
 listed in the summary and logged (logger ``monitor``) once; it re-arms when the weight
 falls back under the threshold.
+
+With ``group_names``: ``groups/{g}/{e}_weight`` and ``groups/{g}/entropy`` (one value per
+sample routed), the record's ``eta2``, and the ``routing_ignores_instruction`` alert on the
+weights' eta2 (:mod:`monitor.alerts`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ key                        samples (one per ...)                                
                            component's, per sample (same forward)                      detailed
 ``{c}/p_keep`` histogram   counts of candidate p_keep in fixed bins                    detailed
 =========================  ==========================================================  =======
+
+With ``group_names``: ``groups/{g}/{m}`` for each of the seven ``overall/{m}`` (one value per
+sample per forward: its mean over every layer and candidate) and the record's ``eta2``.
+Alerts (:mod:`monitor.alerts`): ``undecided_router`` (every layer's mean margin below
+``margin_threshold``) and, with groups, ``routing_ignores_instruction`` on ``p_keep``.
 """
 
 from __future__ import annotations
