@@ -95,7 +95,7 @@ def test_readme_commands_take_the_demo_to_tensorboard_wandb_offline_and_the_repo
                           capture_output=True, text=True, timeout=120, check=True)
     assert "== lfp: 4 records, steps 0..5" in done.stdout
     assert sorted(p.name for p in (run_dir / "report").glob("*.png")) == [
-        "film.png", "lfp.png", "moe.png", "train.png"]
+        "film.png", "groups.png", "lfp.png", "moe.png", "train.png"]  # the demo's 40 tasks
 
 
 @pytest.mark.slow
