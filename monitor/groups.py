@@ -129,6 +129,13 @@ class GroupIds:
     def batch(self) -> int:
         return self.ids.shape[0]
 
+    def memo(self, key: object, make):
+        """``make()``, computed once for these labels (rows every call of a step shares)."""
+        key = ("memo", key)
+        if key not in self._copies:
+            self._copies[key] = make()
+        return self._copies[key]
+
     def on(self, device: torch.device) -> torch.Tensor | None:
         """The ids on ``device``: a CPU tensor goes to a CUDA device through pinned memory
         without waiting; ids already on an accelerator are never read back to the CPU

@@ -201,23 +201,28 @@ def grouped_rows(values: torch.Tensor, groups: torch.Tensor, num_groups: int,
     ``index_add`` and ``scatter_reduce_`` on the device: no loop over groups, no host sync.
     """
     k, batch, n = values.shape
-    per = rows_of_samples(values.reshape(k * batch, n),
-                          None if valid is None else valid.reshape(k * batch, n))
-    seen = per[:, COUNT] > 0
-    x = torch.where(seen, per[:, MEAN], 0.0)
+    if n == 1 and valid is None:  # one value per sample already (MoE, FiLM, aggregation)
+        x = values.detach().reshape(k * batch).to(DTYPE)
+        seen = torch.isfinite(x)
+        bad = (~seen).to(DTYPE)
+    else:
+        per = rows_of_samples(values.reshape(k * batch, n),
+                              None if valid is None else valid.reshape(k * batch, n))
+        x, seen, bad = per[:, MEAN], per[:, COUNT] > 0, per[:, NONFINITE]
+    x = torch.where(seen, x, 0.0)
     buckets = num_groups + 1
     index = (torch.arange(k, device=values.device).unsqueeze(1) * buckets
              + groups.to(torch.long).unsqueeze(0)).reshape(-1)  # (k * B,)
-    zeros = torch.zeros(k * buckets, dtype=DTYPE, device=values.device)
-    n_g = zeros.index_add(0, index, seen.to(DTYPE))
-    mean_g = zeros.index_add(0, index, x) / n_g.clamp(min=1.0)
+    sums = torch.zeros(k * buckets, 3, dtype=DTYPE, device=values.device).index_add_(
+        0, index, torch.stack([seen.to(DTYPE), x, bad], dim=1))  # count, sum, non-finite
+    n_g = sums[:, 0]
+    mean_g = sums[:, 1] / n_g.clamp(min=1.0)
     spread = torch.where(seen, (x - mean_g.index_select(0, index)).square(), 0.0)
-    lo = torch.full_like(zeros, math.inf).scatter_reduce_(
-        0, index, torch.where(seen, x, math.inf), "amin")
-    hi = torch.full_like(zeros, -math.inf).scatter_reduce_(
-        0, index, torch.where(seen, x, -math.inf), "amax")
-    rows = torch.stack([n_g, mean_g, zeros.index_add(0, index, spread), lo, hi,
-                        zeros.index_add(0, index, per[:, NONFINITE])], dim=1)
+    m2 = torch.zeros_like(n_g).index_add_(0, index, spread)
+    extremes = torch.full((k * buckets, 2), -math.inf, dtype=DTYPE, device=values.device)
+    extremes.scatter_reduce_(0, index.unsqueeze(1).expand(-1, 2), torch.where(
+        seen.unsqueeze(1), torch.stack([x, -x], dim=1), -math.inf), "amax")  # max, -min
+    rows = torch.stack([n_g, mean_g, m2, -extremes[:, 1], extremes[:, 0], sums[:, 2]], dim=1)
     return rows.view(k, buckets, NUM_COLS)[:, :num_groups]
 
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from monitor import stats
-from monitor.observer import Observer
+from monitor.observer import Observer, joined_names
 from monitor.pruning.summary import by_group
 from monitor.session import MonitorSession
 
@@ -96,12 +96,15 @@ class AggregationObserver(Observer):
         rows = stats.constant_rows(values, batch_size)
         self.events.slots.update_rows(slots.events, rows)
         labels = self.current_groups
-        if labels is not None:
-            # host numbers, grouped where the ids are: fill kernels, no copy to the device
-            device = labels.ids.device
-            self.add_group_rows(EVENT_METRICS, torch.stack(
-                [torch.full((batch_size, 1), v, dtype=stats.DTYPE, device=device)
-                 for v in values]), labels=labels)
+        if labels is not None and self.group_names is not None:
+            if batch_size != labels.batch:
+                self.add_group_rows(EVENT_METRICS, torch.zeros(3, batch_size, 1),
+                                    labels=labels)  # says so, once, and counts it
+            else:  # host numbers, the same for every encoder call of the step: once
+                self.events.slots.update_rows(
+                    joined_names([self._group_slots["events"][m] for m in EVENT_METRICS]),
+                    labels.memo(("aggr", tuple(values)),
+                                lambda: self._constant_group_rows(values, labels)))
         if tokens is not None and tokens.dim() == 3 and tokens.shape[1] > 1:
             x = torch.nn.functional.normalize(tokens.detach().to(stats.DTYPE), dim=-1)
             k = x.shape[1]
@@ -112,6 +115,16 @@ class AggregationObserver(Observer):
             if labels is not None:
                 self.add_group_rows(("token_cosine",), cosine.reshape(1, -1, 1),
                                     labels=labels, kind="detailed")
+
+    def _constant_group_rows(self, values: list[float], labels) -> torch.Tensor:
+        """The group rows of host numbers seen once per labelled sample, where the ids are
+        (fill kernels: no copy to the device)."""
+        assert self.group_names is not None
+        device = labels.ids.device
+        samples = torch.stack([torch.full((labels.batch, 1), v, dtype=stats.DTYPE,
+                                          device=device) for v in values])
+        return stats.grouped_rows(samples, labels.ids, len(self.group_names)).reshape(
+            -1, stats.NUM_COLS)
 
     def get_summary(self) -> dict:
         """Last compact record: overall ``compression_ratio``, ``tokens_in``,

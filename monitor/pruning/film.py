@@ -156,22 +156,23 @@ class FiLMObserver(Observer):
         (both encoders), into its group's slots. ``parts``: ``(group, norms, strength)``
         of the calls made under one set of labels."""
         labels = parts[0][0][0][3]
+        columns = {}
         for kind, metric in (("gamma", "gamma_norm"), ("beta", "beta_norm")):
-            picked = [norms[[i for i, it in enumerate(group) if it[1] == kind]]
-                      for group, norms, _ in parts if any(it[1] == kind for it in group)]
-            self._add_averaged(metric, picked, labels)
-        self._add_averaged("modulation_strength",
-                           [s for _, _, s in parts if s is not None], labels)
-
-    def _add_averaged(self, metric: str, values: list[torch.Tensor], labels) -> None:
-        """``values``: ``(components, B)`` tensors; one group sample per column."""
-        if not values:
+            columns[metric] = [norms[[i for i, it in enumerate(group) if it[1] == kind]]
+                               for group, norms, _ in parts if any(it[1] == kind for it in group)]
+        columns["modulation_strength"] = [s for _, _, s in parts if s is not None]
+        joined = {m: torch.cat(v) for m, v in columns.items()
+                  if v and len({t.shape[1] for t in v}) == 1}
+        if len(joined) == 3 and len({t.shape for t in joined.values()}) == 1:  # one call
+            self.add_group_rows(OVERALL, torch.stack([joined[m].T for m in OVERALL]),
+                                labels=labels)
             return
-        if len({v.shape[1] for v in values}) > 1:  # batches differ: not one sample each
-            for v in values:
-                self.add_group_rows((metric,), v.T.unsqueeze(0), labels=labels)
-            return
-        self.add_group_rows((metric,), torch.cat(values).T.unsqueeze(0), labels=labels)
+        for metric, values in columns.items():
+            if metric in joined:
+                self.add_group_rows((metric,), joined[metric].T.unsqueeze(0), labels=labels)
+            else:  # batches differ: not one sample each (add_group_rows says so)
+                for v in values:
+                    self.add_group_rows((metric,), v.T.unsqueeze(0), labels=labels)
 
     def get_summary(self) -> dict:
         """Last compact record: overall ``gamma_norm``, ``beta_norm``,
