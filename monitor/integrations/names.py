@@ -41,9 +41,10 @@ Two exports (``export_all``):
   histograms summed into one ``{before}~layers/{after}/hist``; the non-finite counts of a
   record summed into ``~record/nonfinite``; per-group values (``groups/{group}/...``) left
   out, each metric's ``eta2`` in (``eta2/{metric}/value``: one key per metric, whatever
-  the number of groups). With every CogVLA part on this is under 200 scalar keys (see
-  ``monitor/README.md``), where the full export has about 1,000 (and, with groups, 4
-  fields of each of the 17 group metrics per group more).
+  the number of groups; not for the metrics of :data:`ETA2_DERIVED`). With every CogVLA
+  part on this is under 200 scalar keys, with or without groups (see ``monitor/README.md``),
+  where the full export has about 1,000 (and, with groups, 4 fields of each of the 17
+  group metrics per group more).
 * all: every value of every record as scalars (``nonfinite`` per metric), every
   ``eta2`` and every histogram, names as above.
 
@@ -65,6 +66,10 @@ SCALAR_FIELDS = ("mean", "std", "min", "max")
 FIELDS = (*SCALAR_FIELDS, "nonfinite", "value", "hist", "mean_hist", "alerts", "alert")
 ETA2 = "eta2"
 GROUPS = "groups/"
+ETA2_DERIVED = frozenset({"p_keep_entropy", "modulation_strength", "entropy"})
+"""Metrics whose eta2 the compact export leaves out: each is a function of others that it
+exports (LFP ``p_keep``; FiLM ``gamma_norm``/``beta_norm``; the MoE weights). The records,
+the summary and ``export_all`` keep them."""
 STEP = "step"
 MARK = "~"
 RECORD = "~record"
@@ -113,7 +118,8 @@ def scalars(part: str, kind: str, record: dict, export_all: bool = False
     base = prefix(part, kind)
     metrics = record.get("metrics", {})
     for key, v in (record.get(ETA2) or {}).items():
-        if isinstance(v, dict) and v.get("value") is not None:
+        if isinstance(v, dict) and v.get("value") is not None and \
+                (export_all or key not in ETA2_DERIVED):
             yield name(base, f"{ETA2}/{escape(key)}", "value"), v["value"]
     if export_all:
         for key, value in metrics.items():
