@@ -180,8 +180,10 @@ def _time_reductions() -> dict:
 
 def _world_rows(target, world: int, *args) -> list[dict]:
     """Run ``target(rank, world, store, run_dir, *args, out)`` on ``world`` spawned ranks
-    and return the rows rank 0 puts on ``out`` (the ranks are killed if they hang)."""
-    ctx = mp.get_context("spawn")
+    and return the rows rank 0 puts on ``out`` (the ranks are killed if they hang). The
+    ranks fork from a server that imported torch once (not a fresh interpreter each)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "monitor"])
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         procs = [ctx.Process(target=target,
@@ -800,7 +802,8 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak, Linux units
 
 
-def bench_memory(checkpoints: list[int], batch_size: int) -> dict:
+def bench_memory(checkpoints: list[int], batch_size: int, start: int = 100) -> dict:
+    """RSS and Python allocations at each checkpoint, against step ``start``."""
     from monitor import Monitor
     from monitor.session import MonitorSession
 
@@ -817,7 +820,7 @@ def bench_memory(checkpoints: list[int], batch_size: int) -> dict:
         start_rss, start_py = None, None
         step = 0
         with torch.no_grad():
-            for target in [100, *checkpoints]:
+            for target in [start, *checkpoints]:
                 while step < target:
                     for call in parts.values():
                         call()
@@ -829,7 +832,7 @@ def bench_memory(checkpoints: list[int], batch_size: int) -> dict:
                 rss, py = _rss_mb(), tracemalloc.get_traced_memory()[0] / 2**20
                 if start_rss is None:
                     start_rss, start_py = rss, py
-                    out["after_100"] = {"rss_mb": rss, "python_mb": py}
+                    out[f"after_{start}"] = {"rss_mb": rss, "python_mb": py}
                     continue
                 out[f"after_{target}"] = {"rss_mb": rss, "python_mb": py,
                                           "rss_growth_mb": rss - start_rss,
@@ -844,7 +847,7 @@ def bench_memory(checkpoints: list[int], batch_size: int) -> dict:
     for key, v in out.items():
         if key.startswith("after_") and "rss_growth_mb" in v:
             print(f"  {key.replace('_', ' ')} steps: RSS {v['rss_mb']:.1f} MB "
-                  f"({v['rss_growth_mb']:+.1f} since step 100), Python allocations "
+                  f"({v['rss_growth_mb']:+.1f} since step {start}), Python allocations "
                   f"{v['python_mb']:.2f} MB ({v['python_growth_mb']:+.3f})")
     print(f"  records written: {out['records_written']}")
     return out
@@ -885,7 +888,7 @@ def main() -> None:
         QUICK = True
         args.metrics = [k for k in args.metrics if k <= 10] or [10]
         args.forensics_metrics = [k for k in args.forensics_metrics if k <= 100] or [100]
-        args.steps, args.batch_size, args.memory_steps = 1, 1, [120, 140]
+        args.steps, args.batch_size, args.memory_steps = 1, 1, [40, 60]
         args.group_steps, args.group_flushes = 1, 1
         args.threads = 1  # a loaded machine: no thread fights the others
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -901,7 +904,7 @@ def main() -> None:
         "log": lambda: bench_log(200 if args.quick else 500, 4 if args.quick else 40),
         # growth does not scale with tensor sizes, only with calls and flushes: batch 2
         # keeps 10,000 steps short
-        "memory": lambda: bench_memory(args.memory_steps, 2),
+        "memory": lambda: bench_memory(args.memory_steps, 2, 20 if args.quick else 100),
     }
     results["seconds"] = {}
     for name, run in sections.items():

@@ -36,6 +36,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--run-id", required=True)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=32,
+                   help="the stand-in's image side in pixels (32: 16 x 16 patches per image, "
+                        "as the real 224 px / 14; the tests take 16 for speed)")
     p.add_argument("--grad-accumulation", type=int, default=1)
     p.add_argument("--log-interval", type=int, default=10, help="monitor_log_interval")
     p.add_argument("--event-interval", type=int, default=5, help="pruning_event_log_interval")
@@ -76,7 +79,7 @@ def main() -> None:
     world = dist.get_world_size() if distributed else 1
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
     torch.manual_seed(0)
-    cfg = TinyCogVLAConfig()
+    cfg = TinyCogVLAConfig(image_size=args.image_size)
     vla = build_tiny_cogvla(cfg, seed=0)
     if distributed:
         vla = DDP(vla, find_unused_parameters=True)

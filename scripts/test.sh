@@ -5,4 +5,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$ROOT"
 "$VENV/bin/ruff" check monitor tests scripts
 "$VENV/bin/mypy"
-exec "$VENV/bin/python" -m pytest -n auto "$@"
+exec "$VENV/bin/python" -m pytest -n auto --dist worksteal "$@"

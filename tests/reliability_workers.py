@@ -12,6 +12,7 @@ import torch.distributed as dist
 from workers import count_collectives
 
 from monitor import Monitor, sinks
+from monitor.layout import RunLayout
 
 
 def _fail_writes() -> dict:
@@ -77,7 +78,7 @@ def rank_dies(rank, world_size, run_dir, how):
         error = exc
     if rank == 0:
         store.set("rank0-done", "1")
-    meta = json.loads((mon.session.files.path("monitor_logs/die_meta.json")).read_text())
+    meta = json.loads((mon.session.files.path(RunLayout("die").meta)).read_text())
     return {"type": type(error).__name__, "is_runtime_error": isinstance(error, RuntimeError),
             "message": str(error)[:500], "meta_status": meta["status"],
             "meta_error": meta["error"]}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import warnings
 
@@ -11,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 from reference import assert_matches, reference_stats
+from tree import tree
 from workers import read_jsonl
 
+from monitor.layout import TRAIN, folder_of
 from monitor.pruning.adapters import clean_name, unwrap
 from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
 from monitor.pruning.adapters.cogvla_wiring import find_encoders
@@ -69,20 +70,19 @@ def test_facade_writes_every_stream_and_finalize_returns_each_part(tmp_path, cfg
     paths = mon.finalize()
     assert set(paths) == {"train", *PARTS}
     run = tmp_path / "r"
-    assert paths["train"] == str(run / "monitor_logs" / "r_summary.json")
+    assert paths["train"] == str(tree(run, "r").path("summary"))
     for part in PARTS:
-        folder = run / f"{part}_logs"
-        assert paths[part] == str(folder / "r_summary.json")
-        events = read_jsonl(folder / "r.jsonl")
+        assert paths[part] == str(tree(run, "r").path("summary", part))
+        events = tree(run, "r").records(part)
         assert [r["step"] for r in events] == [0, 2, 4]
-        assert read_jsonl(folder / "r_detailed.jsonl")
-        summary = json.loads((folder / "r_summary.json").read_text())
+        assert tree(run, "r").detailed(part)
+        summary = tree(run, "r").summary(part)
         assert summary["status"] == "completed" and summary["part"] == part
         for rec in events:
             for value in rec["metrics"].values():
                 assert set(value) == {"mean", "std", "min", "max", "count", "nonfinite",
                                       "min_rank", "max_rank"}
-    meta = json.loads((run / "monitor_logs" / "r_meta.json").read_text())
+    meta = tree(run, "r").meta()
     assert meta["parts"]["film"]["skipped"] == ["dino/layer_26"]
     assert {e["class"] for e in meta["parts"]["film"]["encoders"].values()} == {
         "FiLMedVisionTransformerAggregator"}  # the official class name
@@ -157,7 +157,7 @@ def test_lfp_adapter_selects_exactly_the_tokens_the_layer_keeps_even_on_ties(
     assert kept_visual.shape == visual_slice_pick.shape
     assert not torch.equal(kept_visual, visual_slice_pick)  # why the adapter repeats the call
     mon.finalize()
-    rec = read_jsonl(tmp_path / "r" / "lfp_logs" / "r.jsonl")[0]["metrics"]
+    rec = tree(tmp_path / "r", "r").records("lfp")[0]["metrics"]
     for idx in range(8, 32):
         kept = int(nv * layers[idx].router_factor)
         assert rec[f"layer_{idx:02d}/tokens_after"]["mean"] == kept
@@ -193,7 +193,7 @@ def test_moe_weights_are_the_modules_real_mixing_weights(tmp_path, cfg):
         torch.testing.assert_close(mixed, out)
         assert not torch.allclose(w, moe.routing_outcome.detach())
     mon.finalize()
-    rec = read_jsonl(tmp_path / "r" / "moe_logs" / "r.jsonl")[0]["metrics"]
+    rec = tree(tmp_path / "r", "r").records("moe")[0]["metrics"]
     weights = torch.cat(seen).double().numpy()
     # the module's softmax ran in float32, the observer's in float64
     for name, column in (("dino_weight", weights[:, 0]), ("siglip_weight", weights[:, 1])):
@@ -284,11 +284,11 @@ def test_wrapped_models_give_the_same_keys_without_wrapper_prefixes(tmp_path, cf
     attach_quietly(mon, wrapped)
     train(wrapped, mon, 1, cfg)
     mon.finalize()
-    meta = json.loads((tmp_path / "r" / "monitor_logs" / "r_meta.json").read_text())
+    meta = tree(tmp_path / "r", "r").meta()
     assert meta["parts"]["moe"]["module"] == "aggregation_router.router"
     assert meta["parts"]["lfp"]["modules"][0] == "language_model.model.layers.8.router"
     for part in PARTS:
-        rec = read_jsonl(tmp_path / "r" / f"{part}_logs" / "r.jsonl")[0]
+        rec = tree(tmp_path / "r", "r").records(part)[0]
         assert not any("module" in k or "base_model" in k for k in rec["metrics"])
 
 
@@ -305,9 +305,9 @@ def test_a_part_without_modules_warns_once_and_says_so_in_meta(tmp_path):
         "recorded for it (see meta)"]
     train(model, mon, 2, cfg)
     mon.finalize()
-    meta = json.loads((tmp_path / "r" / "monitor_logs" / "r_meta.json").read_text())
+    meta = tree(tmp_path / "r", "r").meta()
     assert meta["parts"]["lfp"]["found"] is False
-    assert not read_jsonl(tmp_path / "r" / "lfp_logs" / "r.jsonl")
+    assert not tree(tmp_path / "r", "r").records("lfp")
 
 
 def test_attach_refuses_what_is_not_a_module(tmp_path):
@@ -325,8 +325,8 @@ def test_only_the_train_monitor_on_logs_loss_and_no_observer(tmp_path, cfg):
     assert (mon.lfp_observer, mon.film_observer, mon.moe_observer, mon.aggr_observer) == (
         None, None, None, None)
     train(model, mon, 3, cfg)
-    assert mon.finalize() == {"train": str(tmp_path / "r" / "monitor_logs" / "r_summary.json")}
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["monitor_logs"]
+    assert mon.finalize() == {"train": str(tree(tmp_path / "r", "r").path("summary"))}
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [folder_of(TRAIN)]
 
 
 def test_config_defaults_are_the_usage_guides():
@@ -398,7 +398,7 @@ def test_padding_is_left_out_of_the_force_kept_tokens(tmp_path, cfg):
     handle.remove()
     mon.finalize()
     nv = cfg.num_vision_aggr * cfg.num_images_in_input
-    rec = read_jsonl(tmp_path / "r" / "lfp_logs" / "r.jsonl")[0]["metrics"]
+    rec = tree(tmp_path / "r", "r").records("lfp")[0]["metrics"]
     (seq_len,) = lengths
     for idx in range(8, 32):
         assert rec[f"layer_{idx:02d}/forced_p_keep"]["count"] == 2 * (seq_len - nv) - 3
@@ -421,7 +421,7 @@ def test_step_with_the_train_monitor_off_still_moves_the_observers(tmp_path, cfg
             with mon.step(step) as h:
                 h.log(loss=1.0)
     mon.finalize()
-    steps = [r["step"] for r in read_jsonl(tmp_path / "r" / "moe_logs" / "r.jsonl")]
+    steps = [r["step"] for r in tree(tmp_path / "r", "r").records("moe")]
     assert steps == [0, 2]
 
 
@@ -433,7 +433,7 @@ def test_finalize_writes_eval_values_a_raising_context_left_pending(tmp_path):
             h.log(loss=0.5)
             raise KeyError("eval loop broke")
     mon.finalize()
-    recs = read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")
+    recs = tree(tmp_path / "r", "r").records()
     assert [(r["step"], r["mode"], r["metrics"]["loss"]["count"]) for r in recs] == [
         (3, "eval", 1)]
 
@@ -488,7 +488,7 @@ def test_a_first_forward_under_inference_mode_does_not_break_later_flushes(tmp_p
         with mon.step(step) as h:
             h.log(loss=out.loss.detach())
     mon.finalize()
-    moe = read_jsonl(tmp_path / "r" / "moe_logs" / "r.jsonl")
+    moe = tree(tmp_path / "r", "r").records("moe")
     assert [(r["step"], r["metrics"]["dino_weight"]["count"]) for r in moe] == [
         (0, 4), (1, 4), (2, 4)]
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from cogvla_workers import observers_that_differ, observers_world, public_script, rank_inputs
 from harness import run_world
 from reference import assert_matches, reference_stats
-from workers import read_jsonl, read_records
+from tree import tree
 
 pytestmark = pytest.mark.distributed
 
 PARTS = ("lfp", "film", "moe", "aggr")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_public_script_with_the_monitor_on_rank0_only_finishes_and_writes_every_stream(
         tmp_path, accumulation):
@@ -25,20 +24,20 @@ def test_public_script_with_the_monitor_on_rank0_only_finishes_and_writes_every_
     assert out[1]["paths"] is None
     paths = out[0]["paths"]
     assert set(paths) == {"train", *PARTS}
-    meta = json.loads((run_dir / "monitor_logs" / "cogvla_meta.json").read_text())
+    meta = tree(run_dir, "cogvla").meta()
     assert meta["participation"]["decision"] == "rank0_only"
     assert meta["parts"]["film"]["skipped"] == ["dino/layer_26"]
-    train = read_jsonl(run_dir / "monitor_logs" / "cogvla.jsonl")
+    train = tree(run_dir, "cogvla").records()
     assert [r["step"] for r in train] == [0, 2, 4]
     # rank 0 alone: one loss per train context, `accumulation` contexts per logged step
     # (every other step): each record holds exactly its step's, the first included
     counts = [r["metrics"]["loss"]["count"] for r in train]
     assert counts == [accumulation] * 3
     for part in PARTS:
-        events = read_jsonl(run_dir / f"{part}_logs" / "cogvla.jsonl")
+        events = tree(run_dir, "cogvla").records(part)
         assert [r["step"] for r in events] == [0, 2, 4], part
-        assert read_jsonl(run_dir / f"{part}_logs" / "cogvla_detailed.jsonl"), part
-        summary = json.loads((run_dir / f"{part}_logs" / "cogvla_summary.json").read_text())
+        assert tree(run_dir, "cogvla").detailed(part), part
+        summary = tree(run_dir, "cogvla").summary(part)
         assert summary["status"] == "completed"
     exported = out[0]["exported"]
     assert len(exported) == 3 * accumulation
@@ -49,17 +48,18 @@ def test_public_script_with_the_monitor_on_rank0_only_finishes_and_writes_every_
     assert 0.0 < last["monitor/lfp/pruned_percent"] < 1.0
 
 
+@pytest.mark.slow
 def test_public_script_with_the_monitor_on_every_rank_reduces_both_ranks(tmp_path):
     run_dir = tmp_path / "cogvla"
     out = run_world(public_script, 2, tmp_path, timeout=150, run_dir=str(run_dir), steps=3,
                     grad_accumulation_steps=1, monitor_ranks=(0, 1))
-    assert out[0]["paths"]["lfp"].endswith("lfp_logs/cogvla_summary.json")
+    assert out[0]["paths"]["lfp"].endswith(tree(run_dir, "cogvla").layout.summary("lfp"))
     assert not (tmp_path / "rank1").exists()
-    meta = json.loads((run_dir / "monitor_logs" / "cogvla_meta.json").read_text())
+    meta = tree(run_dir, "cogvla").meta()
     assert meta["participation"]["decision"] == "all_ranks"
-    train = read_jsonl(run_dir / "monitor_logs" / "cogvla.jsonl")
+    train = tree(run_dir, "cogvla").records()
     assert [r["metrics"]["loss"]["count"] for r in train] == [2, 2]  # steps 0 and 2
-    moe = read_jsonl(run_dir / "moe_logs" / "cogvla.jsonl")
+    moe = tree(run_dir, "cogvla").records("moe")
     # 2 ranks x 2 images x batch 2 per forward; the record at step 0 holds one forward
     assert moe[0]["metrics"]["dino_weight"]["count"] == 8
     # Steps 0 and 2 are due for the train monitor and all four observers' compact
@@ -105,7 +105,7 @@ def test_observer_streams_reduced_over_ranks_equal_numpy_over_every_ranks_inputs
                     steps=steps, calls_per_step=calls)
     labels = [0, 2, 4, 5]
     want = _reference(world_size, steps, calls, labels)
-    lfp = read_records(run_dir / "lfp_logs" / "obs.jsonl")
+    lfp = tree(run_dir, "obs").metric_records("lfp")
     assert [r["step"] for r in lfp] == labels
     for rec in lfp:
         w, m = want[rec["step"]], rec["metrics"]
@@ -120,16 +120,16 @@ def test_observer_streams_reduced_over_ranks_equal_numpy_over_every_ranks_inputs
                 "max": w["p"]["max"], "count": 2 * w["p"]["count"],
                 "nonfinite": 2 * w["p"]["nonfinite"]}
         assert_matches(m["overall/p_keep"], both)
-    film = read_records(run_dir / "film_logs" / "obs.jsonl")
-    moe = read_records(run_dir / "moe_logs" / "obs.jsonl")
-    aggr = read_records(run_dir / "aggr_logs" / "obs.jsonl")
+    film = tree(run_dir, "obs").metric_records("film")
+    moe = tree(run_dir, "obs").metric_records("moe")
+    aggr = tree(run_dir, "obs").metric_records("aggr")
     for f, mo, ag in zip(film, moe, aggr):
         w = want[f["step"]]
         assert_matches(f["metrics"]["dino/layer_00/gamma_norm"], w["gamma_norm"])
         assert_matches(f["metrics"]["dino/layer_00/modulation_strength"], w["strength"])
         assert_matches(mo["metrics"]["dino_weight"], w["dino"])
         assert_matches(ag["metrics"]["dino/compression_ratio"], w["ratio"])
-    detailed = read_jsonl(run_dir / "lfp_logs" / "obs_detailed.jsonl")
+    detailed = tree(run_dir, "obs").detailed("lfp")
     assert [r["step"] for r in detailed] == [0, 4, 5]
     total = sum(sum(r["histograms"]["layer_00/p_keep"]["counts"])
                 + r["histograms"]["layer_00/p_keep"]["nonfinite"] for r in detailed)
@@ -143,7 +143,7 @@ def test_observer_streams_reduced_over_ranks_equal_numpy_over_every_ranks_inputs
 def test_ranks_that_declared_different_components_reduce_the_union_without_a_hang(tmp_path):
     run_dir = tmp_path / "diff"
     out = run_world(observers_that_differ, 2, tmp_path, timeout=60, run_dir=str(run_dir))
-    recs = read_jsonl(run_dir / "lfp_logs" / "diff.jsonl")
+    recs = tree(run_dir, "diff").records("lfp")
     assert [r["step"] for r in recs] == [0, 1, 2, 3]
     for rec in recs:
         m = rec["metrics"]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import workers
 from harness import run_world
 from reference import assert_matches, bucket_of, due_labels, reference_stats
+from tree import tree
 
 pytestmark = pytest.mark.distributed
 
@@ -51,7 +50,7 @@ def test_flush_matches_numpy_over_all_ranks_values(tmp_path, world_size):
                     run_id="r", plan=plan, interval=5, kinds=kinds)
     labels = due_labels(steps, 5)
     want = expected_records(plan, labels)
-    got = workers.read_records(run_dir / "monitor_logs" / "r.jsonl")
+    got = tree(run_dir, "r").metric_records()
     assert [r["step"] for r in got] == labels
     for rec in got:
         assert list(rec) == ["step", "mode", "time", "world_size", "metrics"]
@@ -60,7 +59,7 @@ def test_flush_matches_numpy_over_all_ranks_values(tmp_path, world_size):
         for name, value in rec["metrics"].items():
             rel = 1e-6 if name == "grad" else 1e-9  # grad went through float32
             assert_matches(value, want[rec["step"]][name], rel=rel)
-    meta = json.loads((run_dir / "monitor_logs" / "r_meta.json").read_text())
+    meta = tree(run_dir, "r").meta()
     assert meta["participation"]["decision"] == "all_ranks"
     assert meta["participation"]["contributing_ranks"] == list(range(world_size))
     assert meta["world_size"] == world_size and meta["backend"] == "gloo"
@@ -89,7 +88,7 @@ def test_ranks_with_different_metric_sets_reduce_the_union(tmp_path):
                     plan=plan, interval=2)
     labels = due_labels(steps, 2)
     want = expected_records(plan, labels)
-    got = workers.read_jsonl(run_dir / "monitor_logs" / "u.jsonl")
+    got = tree(run_dir, "u").records()
     assert [r["step"] for r in got] == labels
     for rec in got:
         assert set(rec["metrics"]) == set(want[rec["step"]])
@@ -110,10 +109,10 @@ def test_out_of_step_ranks_raise_on_every_rank(tmp_path, interval, where, steps)
     for msg in messages:
         assert msg is not None and msg.startswith(where)
         assert "same step numbers" in msg and steps in msg
-    logs = tmp_path / "run" / "monitor_logs"
-    assert not (logs / "oos.jsonl").read_text()
+    logs = tree(tmp_path / "run", "oos")
+    assert not logs.path().read_text()
     if where == "finalize":
-        summary = json.loads((logs / "oos_summary.json").read_text())
+        summary = logs.summary()
         assert (summary["status"], summary["error"]) == ("failed", "RankMismatchError")
 
 
@@ -138,7 +137,7 @@ def test_rows_outgrowing_the_fused_capacity_fall_back_to_three_collectives(tmp_p
                     counts=counts)
     for per_step in out:
         assert per_step == [0, 3, 2, 3, 2, 2]
-    recs = workers.read_jsonl(tmp_path / "run" / "monitor_logs" / "grow.jsonl")
+    recs = tree(tmp_path / "run", "grow").records()
     assert [len(r["metrics"]) for r in recs] == counts
     for step, rec in enumerate(recs):
         for i in range(counts[step]):
@@ -152,10 +151,10 @@ def test_rows_outgrowing_the_fused_capacity_fall_back_to_three_collectives(tmp_p
 def test_rank0_only_monitor_finishes_and_writes_local_statistics(tmp_path):
     run_dir = tmp_path / "run"
     out = run_world(workers.rank0_only, 2, tmp_path, run_dir=str(run_dir), wait=1.0)
-    got = workers.read_jsonl(run_dir / "monitor_logs" / "r0.jsonl")
+    got = tree(run_dir, "r0").records()
     assert [r["step"] for r in got] == [0, 2, 4]
     assert got[1]["metrics"]["loss"]["count"] == 6  # rank 0's own values, steps 1-2
-    meta = json.loads((run_dir / "monitor_logs" / "r0_meta.json").read_text())
+    meta = tree(run_dir, "r0").meta()
     assert meta["participation"]["decision"] == "rank0_only"
     assert meta["participation"]["statistics"] == "local"
     assert out[1] is None
@@ -167,7 +166,7 @@ def test_torchrun_env_without_process_group_writes_from_rank0_only(tmp_path):
                     env={"RANK": "{rank}", "WORLD_SIZE": "2"}, run_dir_pattern=pattern)
     assert out[0]["exists"] and not out[1]["exists"]
     assert all(any("no process group" in w for w in o["warnings"]) for o in out)
-    rec = workers.read_jsonl(tmp_path / "run-0" / "monitor_logs" / "nopg.jsonl")
+    rec = tree(tmp_path / "run-0", "nopg").records()
     assert rec[0]["metrics"]["loss"]["mean"] == 0.0
 
 
@@ -186,7 +185,7 @@ def test_same_names_logged_in_different_orders_take_the_fast_path(tmp_path):
     out = run_world(workers.log_plan, 2, tmp_path, run_dir=str(tmp_path / "run"),
                     run_id="o", plan=plan, interval=1)
     assert out[0]["calls"] == ["all_reduce"] * 3
-    rec = workers.read_jsonl(tmp_path / "run" / "monitor_logs" / "o.jsonl")[0]
+    rec = tree(tmp_path / "run", "o").records()[0]
     assert rec["metrics"]["a"]["mean"] == 2.5 and rec["metrics"]["b"]["mean"] == 2.5
 
 
@@ -195,14 +194,14 @@ def test_participation_local_never_communicates(tmp_path):
     out = run_world(workers.log_plan, 2, tmp_path, run_dir=str(tmp_path / "run"),
                     run_id="l", plan=plan, interval=1, participation="local")
     assert out[0]["calls"] == out[1]["calls"] == []
-    rec = workers.read_jsonl(tmp_path / "run" / "monitor_logs" / "l.jsonl")[0]
+    rec = tree(tmp_path / "run", "l").records()[0]
     assert rec["metrics"]["loss"]["mean"] == 1.0
 
 
 def test_a_rank_that_builds_its_monitor_too_late_is_told_and_never_hangs(tmp_path):
     out = run_world(workers.late_rank1, 2, tmp_path, run_dir=str(tmp_path / "run"))
     assert any("not reduced" in w for w in out[1])
-    meta = json.loads((tmp_path / "run" / "monitor_logs" / "late_meta.json").read_text())
+    meta = tree(tmp_path / "run", "late").meta()
     assert meta["participation"]["decision"] == "rank0_only"
 
 
@@ -216,8 +215,8 @@ def test_world_of_three_equals_one_process_over_the_concatenated_inputs(tmp_path
                                 for k in plan[0][i][2]})
                for i, step in enumerate(steps)]]
     workers.log_plan(0, 1, str(tmp_path / "one"), "c", single, interval=4)
-    world = workers.read_records(tmp_path / "world" / "monitor_logs" / "c.jsonl")
-    one = workers.read_records(tmp_path / "one" / "monitor_logs" / "c.jsonl")
+    world = tree(tmp_path / "world", "c").metric_records()
+    one = tree(tmp_path / "one", "c").metric_records()
     assert [r["step"] for r in world] == [r["step"] for r in one] == [4, 8, 12]
     for w, o in zip(world, one):
         assert w["metrics"].keys() == o["metrics"].keys()
@@ -232,7 +231,7 @@ def test_contexts_without_values_and_a_silent_rank_neither_hang_nor_write_noise(
     ]
     out = run_world(workers.log_plan, 2, tmp_path, run_dir=str(tmp_path / "run"),
                     run_id="e", plan=plan, interval=1)
-    recs = workers.read_jsonl(tmp_path / "run" / "monitor_logs" / "e.jsonl")
+    recs = tree(tmp_path / "run", "e").records()
     assert [(r["step"], r["metrics"]["loss"]["count"]) for r in recs] == [(2, 1)]
     assert out[0]["calls"] == out[1]["calls"]
 
@@ -248,7 +247,7 @@ def test_eval_records_reduce_every_rank_at_every_exit(tmp_path):
         plan.append(items)
     run_world(workers.log_plan, 2, tmp_path, run_dir=str(tmp_path / "run"), run_id="ev",
               plan=plan, interval=3)
-    recs = workers.read_jsonl(tmp_path / "run" / "monitor_logs" / "ev.jsonl")
+    recs = tree(tmp_path / "run", "ev").records()
     assert [(r["step"], r["mode"]) for r in recs] == [
         (3, "train"), (3, "eval"), (6, "train"), (6, "eval")]
     assert_matches(recs[1]["metrics"]["loss"], reference_stats([[0, 1], [0, 1, 2]]))
@@ -257,10 +256,9 @@ def test_eval_records_reduce_every_rank_at_every_exit(tmp_path):
 
 def test_a_rank0_only_eval_monitor_beside_a_global_one(tmp_path):
     run_world(workers.rank0_eval_beside_global_train, 2, tmp_path, run_dir=str(tmp_path / "r"))
-    logs = tmp_path / "r" / "monitor_logs"
-    train = workers.read_jsonl(logs / "tr.jsonl")
+    train = tree(tmp_path / "r", "tr").records()
     assert [(r["step"], r["metrics"]["loss"]["count"]) for r in train] == [(2, 4), (4, 4)]
-    evals = workers.read_jsonl(logs / "tr-eval.jsonl")
+    evals = tree(tmp_path / "r", "tr-eval").records()
     assert [(r["step"], r["mode"]) for r in evals] == [(2, "eval"), (4, "eval")]
-    assert json.loads((logs / "tr_meta.json").read_text())["participation"]["decision"] \
+    assert tree(tmp_path / "r", "tr").meta()["participation"]["decision"] \
         == "all_ranks"

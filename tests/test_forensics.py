@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -11,7 +10,7 @@ import forensics_workers as fw
 import pytest
 import torch
 from harness import run_world
-from workers import read_jsonl
+from tree import tree
 
 import monitor
 from monitor import Monitor, stats
@@ -99,7 +98,7 @@ def test_one_process_names_rank_0_everywhere(tmp_path, caplog):
                 h.log(loss=torch.tensor([1.0, math.nan if step == 1 else 2.0]),
                       gn=math.inf if step == 2 else 0.5)
         mon.finalize()
-    lines = read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")
+    lines = tree(tmp_path / "r", "r").records()
     recs = [r for r in lines if "metrics" in r]
     assert rank_fields(recs[0]["metrics"]["loss"]) == {"min_rank": 0, "max_rank": 0}
     assert rank_fields(recs[1]["metrics"]["loss"]) == {
@@ -108,7 +107,7 @@ def test_one_process_names_rank_0_everywhere(tmp_path, caplog):
         "min_rank": None, "max_rank": None, "nonfinite_ranks": [0]}
     alerts = [r["alert"] for r in lines if "alert" in r]
     assert [(a["metric"], a["nonfinite_ranks"]) for a in alerts] == [("loss", [0]), ("gn", [0])]
-    summary = json.loads((tmp_path / "r" / "monitor_logs" / "r_summary.json").read_text())
+    summary = tree(tmp_path / "r", "r").summary()
     table = summary["metrics"]["train"]
     assert table["loss"]["nonfinite_ranks"] == [0] and table["gn"]["nonfinite_ranks"] == [0]
     console = [r.getMessage() for r in caplog.records if r.getMessage().startswith("monitor: ")]
@@ -121,7 +120,7 @@ def test_without_forensics_the_records_are_todays(tmp_path):
     with mon.step(0) as h:
         h.log(loss=torch.tensor([1.0, math.nan]))
     mon.finalize()
-    rec = read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")[0]
+    rec = tree(tmp_path / "r", "r").records()[0]
     assert set(rec["metrics"]["loss"]) == {"mean", "std", "min", "max", "count", "nonfinite"}
 
 
@@ -129,8 +128,8 @@ def test_without_forensics_the_records_are_todays(tmp_path):
 
 def check_planted(run_dir, world, steps=4):
     """Every value of the training and probe streams against the numpy reference."""
-    logs = run_dir / "monitor_logs"
-    lines = read_jsonl(logs / "f.jsonl")
+    logs = tree(run_dir, "f")
+    lines = logs.records()
     recs = [r for r in lines if "metrics" in r]
     assert [r["step"] for r in recs] == list(range(steps))
     for rec in recs:
@@ -161,13 +160,12 @@ def check_planted(run_dir, world, steps=4):
     alerts = [r["alert"] for r in lines if "alert" in r]
     assert [(a["metric"], a["nonfinite_ranks"]) for a in alerts] == [
         ("loss", sorted({1, last})), ("only_nan", [1])]
-    summary = json.loads((logs / "f_summary.json").read_text())["metrics"]["train"]
+    summary = logs.summary()["metrics"]["train"]
     assert summary["loss"]["nonfinite_ranks"] == sorted({0, 1, last})
     assert summary["only_nan"]["nonfinite_ranks"] == [1]
     assert summary["rand"]["nonfinite_ranks"] == []
     # the observer's compact and detailed streams
-    probe = run_dir / "probe_logs"
-    plines = read_jsonl(probe / "f.jsonl")
+    plines = logs.records("probe")
     events = [r for r in plines if "metrics" in r]
     assert [r["step"] for r in events] == list(range(steps))
     for rec in events:
@@ -182,7 +180,7 @@ def check_planted(run_dir, world, steps=4):
     assert [(r["alert"]["metric"], r["alert"]["nonfinite_ranks"]) for r in plines
             if "alert" in r and r["alert"]["type"] == "nonfinite"][:2] == [
         ("b/x", [last]), ("overall/x", [last])]
-    detailed = [r for r in read_jsonl(probe / "f_detailed.jsonl") if "metrics" in r]
+    detailed = [r for r in logs.detailed("probe") if "metrics" in r]
     groups = {0: [0], 2: [1, 2], 3: [3]}  # detailed every 2 steps, the rest at finalize
     assert [r["step"] for r in detailed] == list(groups)
     for rec in detailed:
@@ -246,7 +244,7 @@ def test_collectives_per_flush_with_and_without_nonfinite_values(two_ranks):
         # step's context (the first one waits, see above) and finalize reduces step 3's
         assert per_rank["collectives"] == {5: [0, 3, 2, 2, 2], 5000: [0, 3, 2, 2, 2]}
     for k in (5, 5000):
-        recs = read_jsonl(run_dir / "monitor_logs" / f"k{k}.jsonl")
+        recs = tree(run_dir, f"k{k}").records()
         recs = [r for r in recs if "metrics" in r]
         assert len(recs) == 4
         for step, rec in enumerate(recs):
@@ -264,12 +262,12 @@ def test_collectives_per_flush_with_and_without_nonfinite_values(two_ranks):
 @pytest.mark.distributed
 def test_rank0_only_names_rank_0(two_ranks):
     run_dir, _ = two_ranks
-    logs = run_dir / "monitor_logs"
-    rec = read_jsonl(logs / "loc.jsonl")[0]
+    logs = tree(run_dir, "loc")
+    rec = logs.records()[0]
     assert rec["metrics"]["loss"]["count"] == 1  # rank 0's values only
     assert rank_fields(rec["metrics"]["loss"]) == {
         "min_rank": 0, "max_rank": 0, "nonfinite_ranks": [0]}
-    meta = json.loads((logs / "loc_meta.json").read_text())
+    meta = logs.meta()
     assert meta["participation"]["statistics"] == "local"
 
 

@@ -22,6 +22,7 @@ from monitor import MonitorSession  # noqa: E402
 from monitor.pruning import FiLMObserver  # noqa: E402
 
 
+@pytest.mark.slow
 def test_the_cpu_mode_runs_every_section_and_writes_plausible_figures(tmp_path):
     out = tmp_path / "gpu-check.json"
     # a generous deadline: the figures must be complete even on a loaded machine

@@ -10,8 +10,8 @@ import warnings
 
 import pytest
 import torch
+from tree import tree
 from wandb_helpers import wandb_history, wandb_offline
-from workers import read_jsonl
 
 from monitor import Monitor, MonitorSession
 from monitor.integrations import names
@@ -73,7 +73,7 @@ def test_listeners_see_every_record_rank0_writes_and_are_closed_once(tmp_path):
         h.log(loss=0.5)
     mon.finalize()
     mon.finalize()
-    written = read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")
+    written = tree(tmp_path / "r", "r").records()
     assert [r for _, _, r in rec.seen] == written
     assert [(p, k) for p, k, _ in rec.seen] == [("train", "train")] * 3 + [("train", "eval")]
     assert rec.closed == 1
@@ -89,7 +89,7 @@ def test_a_listener_that_raises_is_warned_once_and_dropped_training_goes_on(tmp_
     mon.finalize()
     assert mon.session.listeners == []
     assert len(good.seen) == 3 and good.closed == 1
-    assert len(read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")) == 3
+    assert len(tree(tmp_path / "r", "r").records()) == 3
 
 
 def test_add_listener_refuses_an_object_without_publish_and_close(tmp_path):
@@ -118,7 +118,7 @@ def test_observer_records_and_alerts_reach_listeners_with_their_part(tmp_path, m
     for part in ("lfp", "film", "moe", "aggr"):
         assert (part, "events") in kinds
         assert [r for p, k, r in rec.seen if p == part and k == "events"] == [
-            r for r in read_jsonl(tmp_path / "r" / f"{part}_logs" / "r.jsonl") if "alert" not in r]
+            r for r in tree(tmp_path / "r", "r").records(part) if "alert" not in r]
     assert ("lfp", "detailed") in kinds and ("train", "train") in kinds
 
 
@@ -217,12 +217,12 @@ def test_tensorboard_events_carry_the_jsonl_values_under_monitor_names(tmp_path)
     run = run_cogvla(tmp_path, steps=4, enable_tensorboard=True)
     ea = event_accumulator(run / "tensorboard")
     tags = ea.Tags()
-    train = read_jsonl(run / "monitor_logs" / "r.jsonl")
+    train = tree(run, "r").records()
     loss = [(e.step, e.value) for e in ea.Scalars("monitor/train/loss/mean")]
     assert loss == [(r["step"], pytest.approx(r["metrics"]["loss"]["mean"])) for r in train]
     top = [e.value for e in ea.Scalars("monitor/train/loss/max")]
     assert top == [pytest.approx(r["metrics"]["loss"]["max"]) for r in train]
-    lfp = [r for r in read_jsonl(run / "lfp_logs" / "r.jsonl")]
+    lfp = [r for r in tree(run, "r").records("lfp")]
     p_keep = ea.Scalars("monitor/lfp/overall/p_keep/mean")
     assert [e.step for e in p_keep] == [r["step"] for r in lfp]
     assert p_keep[-1].value == pytest.approx(lfp[-1]["metrics"]["overall/p_keep"]["mean"])
@@ -238,7 +238,7 @@ def test_tensorboard_events_carry_the_jsonl_values_under_monitor_names(tmp_path)
     assert layer_means.min == pytest.approx(
         min(v["mean"] for k, v in lfp[-1]["metrics"].items() if k.endswith("/p_keep")
             and k.startswith("layer_")))
-    detailed = read_jsonl(run / "moe_logs" / "r_detailed.jsonl")[-1]
+    detailed = tree(run, "r").detailed("moe")[-1]
     hist = ea.Histograms("monitor/moe/dino_weight/hist")[-1]
     want = detailed["histograms"]["dino_weight"]
     assert hist.step == detailed["step"]
@@ -319,7 +319,7 @@ def test_a_failing_wandb_run_warns_once_and_training_goes_on(tmp_path, monkeypat
     with pytest.warns(RuntimeWarning, match="WandbListener.publish failed"):
         train_steps(mon, range(3))
     mon.finalize()
-    assert len(read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")) == 3
+    assert len(tree(tmp_path / "r", "r").records()) == 3
 
 
 def test_wandb_offline_run_holds_the_monitor_names(tmp_path, monkeypatch):
@@ -329,17 +329,17 @@ def test_wandb_offline_run_holds_the_monitor_names(tmp_path, monkeypatch):
     assert wandb.run is None  # the monitor started the run and finished it at finalize
     (run_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     rows = wandb_history(run_file)
-    train = read_jsonl(run / "monitor_logs" / "r.jsonl")
+    train = tree(run, "r").records()
     key = "monitor/train/loss/mean"
     assert [r[key] for r in rows if key in r] == [
         pytest.approx(r["metrics"]["loss"]["mean"]) for r in train]
     assert [r["monitor/train/step"] for r in rows if key in r] == [0, 2, 3]
     last = rows[-1]
-    lfp = read_jsonl(run / "lfp_logs" / "r.jsonl")[-1]
+    lfp = tree(run, "r").records("lfp")[-1]
     assert last["monitor/lfp/overall/p_keep/mean"] == pytest.approx(
         lfp["metrics"]["overall/p_keep"]["mean"])
     assert "monitor/moe/entropy/std" in last and "monitor/film/overall/gamma_norm/mean" in last
-    hist = read_jsonl(run / "moe_logs" / "r_detailed.jsonl")[-1]["histograms"]["dino_weight"]
+    hist = tree(run, "r").detailed("moe")[-1]["histograms"]["dino_weight"]
     assert last["monitor/moe/dino_weight/hist/_type"] == "histogram"  # stored as nested keys
     assert last["monitor/moe/dino_weight/hist/values"] == hist["counts"]
     assert last["monitor/moe/dino_weight/hist/bins"] == pytest.approx(hist["edges"])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from reference import assert_matches, reference_stats
+from tree import tree
 from workers import read_jsonl
 
 from monitor import Monitor
@@ -17,8 +18,8 @@ def run_dir(tmp_path):
 
 
 def paths(run_dir, run_id="exp"):
-    logs = run_dir / "monitor_logs"
-    return logs / f"{run_id}.jsonl", logs / f"{run_id}_summary.json", logs / f"{run_id}_meta.json"
+    logs = tree(run_dir, run_id)
+    return logs.path("stream"), logs.path("summary"), logs.path("meta")
 
 
 def test_record_holds_every_value_since_the_previous_record_up_to_its_step(run_dir):

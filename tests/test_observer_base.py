@@ -21,6 +21,7 @@ from observer_helpers import (
     pruning_inputs,
     value_keys,
 )
+from tree import tree
 from workers import read_jsonl
 
 from monitor.pruning import (
@@ -70,8 +71,8 @@ def test_every_record_carries_step_time_world_size_and_full_value_objects(tmp_pa
     make, feed, part = OBSERVERS[kind]
     rng = np.random.default_rng(51)
     obs = make(new_session(tmp_path))
-    assert obs.jsonl_path == tmp_path / "run" / f"{part}_logs" / "r.jsonl"
-    assert obs.detailed_path == tmp_path / "run" / f"{part}_logs" / "r_detailed.jsonl"
+    assert obs.jsonl_path == tree(tmp_path / "run", "r").path("stream", part)
+    assert obs.detailed_path == tree(tmp_path / "run", "r").path("detailed", part)
     for step in STEPS:
         feed(obs, rng)
         obs.log_step(step)
@@ -100,7 +101,7 @@ def test_finalize_writes_a_completed_summary_once_and_a_second_call_writes_nothi
         feed(obs, rng)
         obs.log_step(step)
     path = obs.finalize()
-    assert path == str(tmp_path / "run" / f"{part}_logs" / "r_summary.json")
+    assert path == str(tree(tmp_path / "run", "r").path("summary", part))
     summary = json.loads(obs.summary_path.read_text())
     assert summary["status"] == "completed" and summary["part"] == part
     assert summary["run_id"] == "r" and summary["last_step"] == 2

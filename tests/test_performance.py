@@ -68,6 +68,7 @@ def footprint(parts, train) -> dict:
     return sizes
 
 
+@pytest.mark.slow
 def test_memory_kept_between_steps_does_not_grow_with_the_number_of_steps(tmp_path):
     tracemalloc.start()  # before anything exists: every object the monitor keeps is traced
     session = MonitorSession(tmp_path / "run", "mem", participation="local")
@@ -82,18 +83,18 @@ def test_memory_kept_between_steps_does_not_grow_with_the_number_of_steps(tmp_pa
             with train.step(step) as h:
                 h.log(loss=torch.rand((), generator=gen), lr=1e-4)
 
-    run(0, 300)  # caches, accumulators and the summaries' entries have settled
+    run(0, 100)  # caches, accumulators and the summaries' entries have settled
     gc.collect()
     before = footprint(parts, train)
     start = tracemalloc.get_traced_memory()[0]
-    run(300, 600)  # 60 compact and 15 detailed flushes of each observer, 60 train records
+    run(100, 300)  # 40 compact and 10 detailed flushes of each observer, 40 train records
     gc.collect()
     grown = tracemalloc.get_traced_memory()[0] - start
     tracemalloc.stop()
     assert footprint(parts, train) == before
-    # 300 steps make ~9,000 observe calls: a leak of one small object per call would be
-    # >= 280 kB. What remains is bounded noise of Python's and torch's own small-object
-    # pools (measured 5-17 kB here, flat after a few thousand steps); what the monitor
+    # 200 steps make ~6,000 observe calls: a leak of one small object per call would be
+    # >= 180 kB. What remains is bounded noise of Python's and torch's own small-object
+    # pools (measured 5-20 kB here, flat after a few thousand steps); what the monitor
     # keeps per flush is checked exactly by the footprint above.
     assert grown < 64 * 1024, grown
     for obs in parts:
@@ -203,5 +204,5 @@ def test_the_benchmark_runs_and_its_countable_targets_hold(tmp_path):
     assert res["syncs"]["host_syncs_between_flushes"] == 0
     assert res["overhead"]["hook_ms_per_step_median"] > 0
     assert res["overhead"]["real_widths"]["ms_per_step"] > 0
-    assert "after_140" in res["memory"]
+    assert "after_60" in res["memory"]
     assert "flush:" in proc.stdout and "overhead:" in proc.stdout

@@ -19,9 +19,11 @@ import pytest
 import reliability_workers
 import torch
 from harness import run_world
-from workers import read_jsonl, read_records
+from tree import tree
+from workers import read_records
 
 from monitor import Monitor
+from monitor.layout import TRAIN
 from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
 from monitor.pruning.adapters.cogvla_wiring import moe_router_of
 from monitor.records import live_records
@@ -85,6 +87,7 @@ def train(mon, model, model_cfg, steps, inject=None):
 
 # -- 1. a crash of the training script --------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["with_inside", "with_outside", "exit_inside", "exit_outside"])
 def test_a_crash_keeps_every_flushed_record_and_writes_failed_with_the_error_type(
         tmp_path, mode):
@@ -94,12 +97,12 @@ def test_a_crash_keeps_every_flushed_record_and_writes_failed_with_the_error_typ
     assert proc.returncode == 1 and "ZeroDivisionError" in err
     every_file_parses(run_dir)
     # interval 2, crash at step 5: records 0, 2, 4 were flushed; step 5's values were not
-    assert [r["step"] for r in read_records(run_dir / "monitor_logs" / "run.jsonl")] == [0, 2, 4]
-    meta = json.loads((run_dir / "monitor_logs" / "run_meta.json").read_text())
+    assert [r["step"] for r in tree(run_dir, "run").metric_records()] == [0, 2, 4]
+    meta = tree(run_dir, "run").meta()
     assert (meta["status"], meta["error"]) == ("failed", "ZeroDivisionError")
     assert meta["segments"][-1]["status"] == "failed"
-    for part in ("monitor", *PARTS):
-        summary = json.loads((run_dir / f"{part}_logs" / "run_summary.json").read_text())
+    for part in (TRAIN, *PARTS):
+        summary = tree(run_dir, "run").summary(part)
         assert (summary["status"], summary["error"]) == ("failed", "ZeroDivisionError"), part
     assert not (run_dir / ".monitor.lock").exists()  # released by the exit handler too
 
@@ -109,9 +112,9 @@ def test_an_exit_without_finalize_and_without_error_is_marked_incomplete(tmp_pat
     proc = script(run_dir, "exit_clean")
     proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0
-    meta = json.loads((run_dir / "monitor_logs" / "run_meta.json").read_text())
+    meta = tree(run_dir, "run").meta()
     assert (meta["status"], meta["error"]) == ("incomplete", None)
-    summary = json.loads((run_dir / "lfp_logs" / "run_summary.json").read_text())
+    summary = tree(run_dir, "run").summary("lfp")
     assert summary["status"] == "incomplete" and summary["records_written"] > 0
 
 
@@ -119,7 +122,7 @@ def test_finalize_unregisters_the_exit_handler(tmp_path):
     mon = Monitor(run_dir=tmp_path / "r", run_id="r", log_interval=1)
     mon.finalize()
     mon.session.abandon()  # what atexit would call: a finished session writes nothing more
-    meta = json.loads((tmp_path / "r" / "monitor_logs" / "r_meta.json").read_text())
+    meta = tree(tmp_path / "r", "r").meta()
     assert meta["status"] == "completed"
 
 
@@ -131,7 +134,7 @@ def test_kill_9_mid_run_leaves_only_whole_lines_and_a_resume_continues_the_histo
     proc = script(run_dir, "forever")
     try:
         wait_ready(proc)
-        train_log = run_dir / "monitor_logs" / "run.jsonl"
+        train_log = tree(run_dir, "run").path()
         deadline = time.monotonic() + WAIT_S
         while len(train_log.read_bytes().splitlines()) < 8:
             assert time.monotonic() < deadline and proc.poll() is None, "no records came"
@@ -140,11 +143,11 @@ def test_kill_9_mid_run_leaves_only_whole_lines_and_a_resume_continues_the_histo
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=WAIT_S)
     lines = every_file_parses(run_dir)
-    assert lines["monitor_logs/run.jsonl"] >= 8
+    assert lines[tree(run_dir, "run").layout.stream(TRAIN)] >= 8
     dead = read_records(train_log)
     resume_at = dead[3]["step"]  # a checkpoint in the middle of what the dead run logged
     assert dead[-1]["step"] > resume_at
-    meta = json.loads((run_dir / "monitor_logs" / "run_meta.json").read_text())
+    meta = tree(run_dir, "run").meta()
     assert "status" not in meta  # a segment that died says so by having no end
 
     with pytest.warns(RuntimeWarning, match=r"took over the lock .* pid \d+"):
@@ -156,11 +159,11 @@ def test_kill_9_mid_run_leaves_only_whole_lines_and_a_resume_continues_the_histo
     mon.finalize()
 
     assert mon.session.first_step == resume_at
-    meta = json.loads((run_dir / "monitor_logs" / "run_meta.json").read_text())
+    meta = tree(run_dir, "run").meta()
     assert meta["resumed"] is True and meta["status"] == "completed"
     assert [s.get("first_step") for s in meta["segments"]] == [0, resume_at]
-    for part in ("monitor", *PARTS):
-        stream = read_jsonl(run_dir / f"{part}_logs" / "run.jsonl")
+    for part in (TRAIN, *PARTS):
+        stream = tree(run_dir, "run").records(part)
         marker = [r for r in stream if "resume" in r]
         assert len(marker) == 1 and marker[0]["resume"]["supersedes_from_step"] == resume_at
         live = [r for r in live_records(stream) if "metrics" in r]
@@ -168,10 +171,10 @@ def test_kill_9_mid_run_leaves_only_whole_lines_and_a_resume_continues_the_histo
         assert steps == sorted(set(steps)), part  # no step twice
         assert steps[-1] == resume_at + 3
         written = len(live)
-        if part != "monitor":
-            detailed = read_jsonl(run_dir / f"{part}_logs" / "run_detailed.jsonl")
+        if part != TRAIN:
+            detailed = tree(run_dir, "run").detailed(part)
             written += len([r for r in live_records(detailed) if "metrics" in r])
-        summary = json.loads((run_dir / f"{part}_logs" / "run_summary.json").read_text())
+        summary = tree(run_dir, "run").summary(part)
         assert summary["records_written"] == written, part  # each live record once
 
 
@@ -188,16 +191,16 @@ def test_resume_drops_the_dead_segments_overlap_from_the_summary(tmp_path):
         with mon.step(step) as h:
             h.log(loss=float(step))
     mon.finalize()
-    stream = read_jsonl(run_dir / "monitor_logs" / "r.jsonl")
+    stream = tree(run_dir, "r").records()
     assert [r["step"] for r in stream if "metrics" in r] == [0, 2, 4, 6, 8, 6, 8, 10, 11]
     assert stream[5]["resume"] == {"segment": 2, "supersedes_from_step": 6,
                                    "superseded_lines": 2}
     assert [r["step"] for r in live_records(stream)] == [0, 2, 4, 6, 8, 10, 11]
-    summary = json.loads((run_dir / "monitor_logs" / "r_summary.json").read_text())
+    summary = tree(run_dir, "r").summary()
     loss = summary["metrics"]["train"]["loss"]
     assert summary["records_written"] == 7 and loss["records"] == 7
     assert (loss["first"], loss["last"], loss["max"]) == (100.0, 11.0, 103.5)
-    meta = json.loads((run_dir / "monitor_logs" / "r_meta.json").read_text())
+    meta = tree(run_dir, "r").meta()
     assert [(s["first_step"], s["status"]) for s in meta["segments"]] == [
         (0, "failed"), (6, "completed")]
 
@@ -264,15 +267,15 @@ def test_nonfinite_values_anywhere_are_counted_alerted_once_and_training_goes_on
         with mon.step(step) as h:  # the loss is NaN at steps 2 and 3
             h.log(loss=out.loss * float("nan") if step in (2, 3) else out.loss, lr=1e-3)
     mon.finalize()
-    film = [r["metrics"] for r in read_records(tmp_path / "r" / "film_logs" / "r.jsonl")]
+    film = [r["metrics"] for r in tree(tmp_path / "r", "r").metric_records("film")]
     gamma = next(v for k, v in film[-1].items() if k.endswith("/gamma") and v["nonfinite"])
     assert gamma["count"] > 0 and gamma["mean"] is not None  # NaN kept out of the moments
-    train_log = read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")
+    train_log = tree(tmp_path / "r", "r").records()
     # records 0, 2 (steps 1-2), 4 (3-4), 6 (5-6), 7 (finalize)
     assert [r["metrics"]["loss"]["nonfinite"] for r in train_log if "metrics" in r] == [
         0, 1, 1, 0, 0]
-    for part in ("monitor", "film", "moe"):
-        alerts = [r["alert"] for r in read_jsonl(tmp_path / "r" / f"{part}_logs" / "r.jsonl")
+    for part in (TRAIN, "film", "moe"):
+        alerts = [r["alert"] for r in tree(tmp_path / "r", "r").records(part)
                   if "alert" in r and r["alert"]["type"] == "nonfinite"]
         assert alerts, part
         keys = [(a.get("mode") or a.get("stream"), a["metric"]) for a in alerts]
@@ -281,9 +284,9 @@ def test_nonfinite_values_anywhere_are_counted_alerted_once_and_training_goes_on
     assert len(alerts) == 1 and alerts[0]["step"] == 2 and alerts[0]["alert"] == {
         "type": "nonfinite", "mode": "train", "metric": "loss", "nonfinite": 1, "count": 1,
         "nonfinite_ranks": [0]}
-    summary = json.loads((tmp_path / "r" / "monitor_logs" / "r_summary.json").read_text())
+    summary = tree(tmp_path / "r", "r").summary()
     assert summary["status"] == "completed" and summary["alerts"][0]["alert"]["metric"] == "loss"
-    moe = json.loads((tmp_path / "r" / "moe_logs" / "r_summary.json").read_text())
+    moe = tree(tmp_path / "r", "r").summary("moe")
     assert any(a["alert"]["type"] == "nonfinite" for a in moe["alerts"])
 
 
@@ -370,12 +373,12 @@ def test_a_failing_disk_on_rank0_degrades_the_monitor_and_changes_no_collective(
     # the records written during steps 3-5 were lost with the disk (with an interval of 1,
     # each is written at the next step's first call: those of steps 2-4); the records
     # resume once it comes back
-    assert [r["step"] for r in read_records(run_dir / "monitor_logs" / "disk.jsonl")] == [
+    assert [r["step"] for r in tree(run_dir, "disk").metric_records()] == [
         0, 1, 5, 6, 7]
-    meta = json.loads((run_dir / "monitor_logs" / "disk_meta.json").read_text())
+    meta = tree(run_dir, "disk").meta()
     assert meta["degraded"] is True and meta["write_errors"] == 3
     assert "disk.jsonl: [ENOSPC] No space left on device" in meta["first_write_error"]
-    summary = json.loads((run_dir / "monitor_logs" / "disk_summary.json").read_text())
+    summary = tree(run_dir, "disk").summary()
     assert summary["status"] == "completed" and summary["degraded"] is True
     assert summary["records_written"] == 5  # the records that reached the disk, not 8
 
@@ -414,7 +417,7 @@ def test_a_line_cut_short_by_a_full_disk_is_removed_before_the_next_record(
     mon.finalize()
     # record 0 is written at step 1's first call, cut short there and removed before
     # record 1 (written at step 2's)
-    assert [r["step"] for r in read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")] == [1, 2]
+    assert [r["step"] for r in tree(tmp_path / "r", "r").records()] == [1, 2]
 
 
 @pytest.mark.distributed
@@ -425,10 +428,10 @@ def test_a_failing_disk_on_rank0_under_the_cogvla_facade_changes_no_collective(t
     assert out[0]["deltas"] == out[1]["deltas"] and sum(out[0]["deltas"]) > 0
     assert out[0]["degraded"] and len(out[0]["warnings"]) == 1 and out[1]["warnings"] == []
     every_file_parses(run_dir)
-    for part in ("monitor", *PARTS):
-        steps = [r["step"] for r in read_records(run_dir / f"{part}_logs" / "disk.jsonl")]
+    for part in (TRAIN, *PARTS):
+        steps = [r["step"] for r in tree(run_dir, "disk").metric_records(part)]
         assert steps == [0, 3, 4, 5], part  # records 1, 2 were written at steps 2, 3
-        summary = json.loads((run_dir / f"{part}_logs" / "disk_summary.json").read_text())
+        summary = tree(run_dir, "disk").summary(part)
         assert summary["degraded"] is True and summary["status"] == "completed", part
 
 
@@ -465,8 +468,8 @@ def read_only_folder(rank, world_size, steps, read_only_from, writable_from):
                     h.log(loss=float(step))
             mon.finalize()
         lines = every_file_parses(run_dir)
-        steps_written = [r["step"] for r in read_records(run_dir / "monitor_logs" / "ro.jsonl")]
-        meta = json.loads((run_dir / "monitor_logs" / "ro_meta.json").read_text())
+        steps_written = [r["step"] for r in tree(run_dir, "ro").metric_records()]
+        meta = tree(run_dir, "ro").meta()
     finally:
         if as_root:
             os.seteuid(0)
@@ -512,7 +515,7 @@ def test_a_second_process_on_the_same_run_dir_gets_a_clear_error(tmp_path):
     finally:
         holder.kill()
         holder.communicate(timeout=WAIT_S)
-    assert not (run_dir / "monitor_logs" / "other.jsonl").exists()
+    assert not tree(run_dir, "other").path().exists()
 
 
 def test_a_forked_child_of_a_killed_writer_does_not_keep_the_lock(tmp_path):
@@ -539,6 +542,7 @@ def test_sessions_of_one_process_share_the_lock_and_the_last_one_releases_it(tmp
     assert not (tmp_path / "r" / ".monitor.lock").exists()
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_runs_folder_never_touch_each_others_files(tmp_path):
     runs = tmp_path / "runs"
     procs = [script(runs / name, "exit_clean", run_id=name) for name in ("a", "b")]

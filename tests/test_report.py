@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from test_integrations import run_cogvla
-from workers import read_jsonl
+from tree import tree
 
 import monitor
 from monitor import Monitor, report
@@ -32,11 +32,11 @@ def png_size(path):
 def test_read_run_returns_each_parts_records_as_plain_dicts(demo_run):
     run = monitor.read_run(demo_run)
     assert run.run_id == "r" and run.parts == ["train", "lfp", "film", "moe", "aggr"]
-    assert run["train"].records == read_jsonl(demo_run / "monitor_logs" / "r.jsonl")
-    events = read_jsonl(demo_run / "moe_logs" / "r.jsonl")
+    assert run["train"].records == tree(demo_run, "r").records()
+    events = tree(demo_run, "r").records("moe")
     assert run["moe"].records == [r for r in events if "metrics" in r]
     assert run["moe"].alerts == [r for r in events if "alert" in r] and run["moe"].alerts
-    assert run["lfp"].detailed == read_jsonl(demo_run / "lfp_logs" / "r_detailed.jsonl")
+    assert run["lfp"].detailed == tree(demo_run, "r").detailed("lfp")
     assert run["lfp"].summary["status"] == "completed"
     assert run.meta["participation"]["decision"] == "single_process"
     steps, losses = run["train"].metric("loss")
@@ -73,7 +73,7 @@ def test_read_run_skips_a_last_line_cut_short_and_warns_of_a_corrupt_middle_line
         with mon.step(step) as h:
             h.log(loss=torch.tensor(1.0))
     mon.log_step(3)  # writes the record of step 2
-    path = tmp_path / "r" / "monitor_logs" / "r.jsonl"
+    path = tree(tmp_path / "r", "r").path()
     with open(path, "a") as f:
         f.write('{"step": 3, "mode": "tr')  # killed mid-write
     run = monitor.read_run(tmp_path / "r")

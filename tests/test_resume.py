@@ -5,11 +5,12 @@ with every step once."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
 import torch
-from workers import read_jsonl
+from tree import tree
 
 import monitor
 from monitor import Monitor
@@ -37,11 +38,11 @@ def resume(run_dir, steps=None):
 
 
 def meta_of(run_dir) -> dict:
-    return json.loads((run_dir / "monitor_logs" / "r_meta.json").read_text())
+    return tree(run_dir, "r").meta()
 
 
 def assert_one_history(run_dir, segment: int):
-    stream = read_jsonl(run_dir / "monitor_logs" / "r.jsonl")
+    stream = tree(run_dir, "r").records()
     markers = [r["resume"] for r in stream if "resume" in r]
     assert markers == [{"segment": segment, "supersedes_from_step": 5, "superseded_lines": 5}]
     with warnings.catch_warnings():
@@ -68,13 +69,14 @@ def assert_one_history(run_dir, segment: int):
 def test_a_folder_with_records_is_a_resume_whatever_meta_says(tmp_path, damage, problem):
     run_dir = tmp_path / "r"
     first_run(run_dir)
-    meta_path = run_dir / "monitor_logs" / "r_meta.json"
+    meta_path = tree(run_dir, "r").path("meta")
     if damage is None:
         meta_path.unlink()
     else:
         meta_path.write_bytes(damage)
-    with pytest.warns(RuntimeWarning, match=rf"r_meta.json: meta is {problem}; the folder "
-                                            "already holds this run's records") as caught:
+    with pytest.warns(RuntimeWarning, match=rf"{re.escape(meta_path.name)}: meta is {problem}; "
+                                            "the folder already holds this run's records"
+                      ) as caught:
         resume(run_dir)
     assert len([w for w in caught if "meta is" in str(w.message)]) == 1
     assert_one_history(run_dir, segment=2)  # the unknown earlier ones, then this one
@@ -86,7 +88,7 @@ def test_a_folder_with_records_is_a_resume_whatever_meta_says(tmp_path, damage, 
 def test_readable_earlier_segments_are_kept_when_one_entry_is_damaged(tmp_path):
     run_dir = tmp_path / "r"
     first_run(run_dir)
-    meta_path = run_dir / "monitor_logs" / "r_meta.json"
+    meta_path = tree(run_dir, "r").path("meta")
     meta = json.loads(meta_path.read_text())
     meta["segments"] = [7, *meta["segments"]]
     meta_path.write_text(json.dumps(meta))
@@ -98,13 +100,13 @@ def test_readable_earlier_segments_are_kept_when_one_entry_is_damaged(tmp_path):
 
 def test_an_unreadable_meta_without_records_is_replaced_and_the_run_starts_anew(tmp_path):
     run_dir = tmp_path / "r"
-    (run_dir / "monitor_logs").mkdir(parents=True)
-    (run_dir / "monitor_logs" / "r_meta.json").write_text("{")
-    (run_dir / "monitor_logs" / "r.jsonl").write_text("")
+    tree(run_dir, "r").folder().mkdir(parents=True)
+    tree(run_dir, "r").path("meta").write_text("{")
+    tree(run_dir, "r").path().write_text("")
     with pytest.warns(RuntimeWarning, match="meta is unreadable .*; it is replaced"):
         mon = resume(run_dir, range(3))
     assert not mon.session.resumed and meta_of(run_dir)["resumed"] is False
-    assert [r["step"] for r in read_jsonl(run_dir / "monitor_logs" / "r.jsonl")] == [0, 1, 2]
+    assert [r["step"] for r in tree(run_dir, "r").records()] == [0, 1, 2]
 
 
 BAD_LINES = [
@@ -125,7 +127,7 @@ def test_a_malformed_line_never_crashes_the_resumed_training_nor_hides_good_reco
         tmp_path, bad):
     run_dir = tmp_path / "r"
     first_run(run_dir)
-    stream = run_dir / "monitor_logs" / "r.jsonl"
+    stream = tree(run_dir, "r").path()
     lines = stream.read_bytes().splitlines(keepends=True)
     stream.write_bytes(b"".join(lines[:4]) + bad + b"\n" + b"".join(lines[4:]))  # line 5
     with pytest.warns(RuntimeWarning, match=r"r.jsonl:5: .*; skipped that line"):
@@ -163,11 +165,12 @@ def test_a_malformed_line_in_an_observer_stream_never_crashes_the_resumed_facade
         mon.finalize()
 
     train(range(4))
-    for name in ("lfp_logs/r.jsonl", "moe_logs/r_detailed.jsonl"):
+    names = (tree(run_dir, "r").layout.stream("lfp"), tree(run_dir, "r").layout.detailed("moe"))
+    for name in names:
         path = run_dir / name
         lines = path.read_bytes().splitlines(keepends=True)
         path.write_bytes(lines[0] + b'{"step": 1, "metrics": [1]}\n' + b"".join(lines[1:]))
-    with pytest.warns(RuntimeWarning, match=r"(lfp_logs/r.jsonl|moe_logs/r_detailed.jsonl):2: "
+    with pytest.warns(RuntimeWarning, match="(" + "|".join(map(re.escape, names)) + "):2: "
                                             "'metrics' is not an object") as caught:
         train(range(2, 6))
     assert len([w for w in caught if "skipped that line" in str(w.message)]) == 2

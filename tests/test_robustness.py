@@ -16,10 +16,10 @@ import reliability_workers
 import torch
 from harness import run_world
 from test_reliability import SCRIPT, WAIT_S, script
-from workers import read_jsonl
+from tree import tree
 
 from monitor import Monitor
-from monitor.layout import RunLayout
+from monitor.layout import TRAIN, RunLayout
 from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
 from monitor.sinks import RunDirLockedError
 
@@ -42,7 +42,7 @@ def test_four_threads_logging_into_one_step_context_count_every_value_once(tmp_p
         for t in threads:
             t.join()
     mon.finalize()
-    (rec,) = read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")
+    (rec,) = tree(tmp_path / "r", "r").records()
     assert rec["metrics"]["loss"]["count"] == 8000
     assert rec["metrics"]["t"]["count"] == 8000
     assert rec["metrics"]["t"]["mean"] == pytest.approx(0.5, abs=1e-12)
@@ -62,7 +62,7 @@ def test_threads_entering_step_contexts_of_one_step_count_every_value_once(tmp_p
     for t in threads:
         t.join()
     mon.finalize()
-    (rec,) = read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")
+    (rec,) = tree(tmp_path / "r", "r").records()
     assert rec["step"] == 3 and rec["metrics"]["loss"]["count"] == 2000
 
 
@@ -108,10 +108,10 @@ def test_sys_exit_with_a_nonzero_code_is_a_failed_run_naming_the_code(tmp_path, 
     proc = script(run_dir, mode)  # without finalize() (the exit handler) / the with form
     proc.communicate(timeout=WAIT_S)
     assert proc.returncode == code
-    meta = json.loads((run_dir / "monitor_logs" / "run_meta.json").read_text())
+    meta = tree(run_dir, "run").meta()
     assert (meta["status"], meta["error"]) == ("failed", f"SystemExit({code})")
-    for part in ("monitor", "lfp"):
-        summary = json.loads((run_dir / f"{part}_logs" / "run_summary.json").read_text())
+    for part in (TRAIN, "lfp"):
+        summary = tree(run_dir, "run").summary(part)
         assert (summary["status"], summary["error"]) == ("failed", f"SystemExit({code})")
 
 
@@ -122,7 +122,7 @@ def test_sys_exit_0_leaving_the_with_block_is_a_normal_exit(tmp_path, code):
             with mon.step(0) as h:
                 h.log(loss=1.0)
             sys.exit(code)
-    meta = json.loads((tmp_path / "r" / "monitor_logs" / "r_meta.json").read_text())
+    meta = tree(tmp_path / "r", "r").meta()
     assert (meta["status"], meta["error"]) == ("incomplete", None)  # as an exit without it
 
 
@@ -137,14 +137,14 @@ def test_finalize_after_destroy_process_group_completes_with_rank_local_values(
                     teardown=False, run_dir=str(run_dir), facade=facade)
     for caught in out:
         assert len(caught) == 1 and "finalize() before destroy_process_group()" in caught[0]
-    records = read_jsonl(run_dir / "monitor_logs" / "gone.jsonl")
+    records = tree(run_dir, "gone").records()
     assert [r["step"] for r in records] == [0, 2, 4, 5]
     assert [r["metrics"]["loss"]["count"] for r in records] == [2, 4, 4, 1]
     assert [r.get("rank_local") for r in records] == [None] * 3 + [
         {"rank": 0, "reason": "process group destroyed before finalize()"}]
     assert records[-1]["metrics"]["loss"]["max"] == 5.0  # rank 0's step 5 only
-    meta = json.loads((run_dir / "monitor_logs" / "gone_meta.json").read_text())
-    summary = json.loads((run_dir / "monitor_logs" / "gone_summary.json").read_text())
+    meta = tree(run_dir, "gone").meta()
+    summary = tree(run_dir, "gone").summary()
     assert meta["status"] == summary["status"] == "completed" and meta["error"] is None
     assert summary["records_written"] == 4
 
@@ -189,8 +189,8 @@ def test_the_longest_run_id_allowed_writes_every_file(tmp_path):
         with mon.step(0) as h:
             h.log(loss=1.0)
     assert not mon.session.degraded
-    assert (tmp_path / "r" / "monitor_logs" / f"{run_id}_summary.json").exists()
-    assert (tmp_path / "r" / "lfp_logs" / f"{run_id}_detailed.jsonl").exists()
+    assert tree(tmp_path / "r", run_id).path("summary").exists()
+    assert tree(tmp_path / "r", run_id).path("detailed", "lfp").exists()
     with pytest.raises(ValueError, match=f"run_id must be at most {limit} bytes"):
         Monitor(run_dir=tmp_path / "s", run_id=run_id + "x")
     with pytest.raises(ValueError, match=f"run_id must be at most {limit} bytes"):
@@ -212,7 +212,7 @@ def test_bad_log_values_are_refused_naming_the_metric(tmp_path, value, error, ma
             h.log(loss=value)
         h.log(loss=float(10**300))  # a big int that fits is a number
     mon.finalize()
-    (rec,) = read_jsonl(tmp_path / "r" / "monitor_logs" / "r.jsonl")
+    (rec,) = tree(tmp_path / "r", "r").records()
     assert rec["metrics"]["loss"]["count"] == 1
 
 
@@ -236,7 +236,7 @@ def test_a_second_live_monitor_on_one_run_folder_and_id_is_refused_naming_the_fi
     again = Monitor(run_dir=run_dir, run_id="r", console=False)  # after the end: a resume
     assert again.session.resumed
     again.finalize()
-    assert [r["step"] for r in read_jsonl(run_dir / "monitor_logs" / "r.jsonl")] == [0]
+    assert [r["step"] for r in tree(run_dir, "r").records()] == [0]
 
 
 def test_a_monitor_dropped_without_finalize_does_not_block_the_next(tmp_path):
@@ -280,7 +280,7 @@ def full_disk(monkeypatch, appends_fail: set[int]) -> None:
 def test_a_disk_that_stays_full_still_gets_degraded_and_the_final_status_into_meta(
         tmp_path, monkeypatch):
     run_dir = tmp_path / "r"
-    meta_path = run_dir / "monitor_logs" / "r_meta.json"
+    meta_path = tree(run_dir, "r").path("meta")
     mon = Monitor(run_dir=run_dir, run_id="r", log_interval=1, console=False)
     seen = []  # after each step: (the steps on disk, what meta on disk says of degraded)
     with pytest.warns(RuntimeWarning, match="No space left on device"):
@@ -288,19 +288,19 @@ def test_a_disk_that_stays_full_still_gets_degraded_and_the_final_status_into_me
         for step in range(9):
             with mon.step(step) as h:
                 h.log(loss=float(step))
-            on_disk = [r["step"] for r in read_jsonl(run_dir / "monitor_logs" / "r.jsonl")]
+            on_disk = [r["step"] for r in tree(run_dir, "r").records()]
             seen.append((on_disk, json.loads(meta_path.read_text())["degraded"]))
         mon.finalize()
     # meta says degraded from the first record that reached the disk after the failures
     # (record 5), although no new file could be made since the start
     assert [degraded for _, degraded in seen] == [5 in steps for steps, _ in seen]
     assert seen[-1][1] is True  # before finalize()
-    records = read_jsonl(run_dir / "monitor_logs" / "r.jsonl")
+    records = tree(run_dir, "r").records()
     assert [r["step"] for r in records] == [0, 1, 5, 6, 7, 8]
     meta = json.loads(meta_path.read_text())
     assert (meta["status"], meta["degraded"]) == ("completed", True)
     assert meta["write_errors"] == 3  # the three appends (the meta rewrites went in place)
-    summary = json.loads((run_dir / "monitor_logs" / "r_summary.json").read_text())
+    summary = tree(run_dir, "r").summary()
     assert (summary["status"], summary["degraded"]) == ("completed", True)
     assert summary["records_written"] == 6  # what reached the disk, not the 9 built
     assert summary["metrics"]["train"]["loss"]["records"] == 6
@@ -324,7 +324,7 @@ def test_a_real_full_filesystem_keeps_every_line_whole_and_meta_gets_the_end(tmp
     try:
         run_dir = disk / "r"
         mon = Monitor(run_dir=run_dir, run_id="r", log_interval=1, console=False)
-        jsonl = run_dir / "monitor_logs" / "r.jsonl"
+        jsonl = tree(run_dir, "r").path()
         first = 0
         while not jsonl.read_bytes():  # until a record is on disk (its page is allocated)
             with mon.step(first) as h:
@@ -339,14 +339,14 @@ def test_a_real_full_filesystem_keeps_every_line_whole_and_meta_gets_the_end(tmp
                 with mon.step(step) as h:
                     h.log(loss=float(step), extra={f"m{i}": 1.0 for i in range(3)})
             mon.finalize()
-        lines = (run_dir / "monitor_logs" / "r.jsonl").read_bytes().splitlines(keepends=True)
+        lines = tree(run_dir, "r").path().read_bytes().splitlines(keepends=True)
         assert all(line.endswith(b"\n") for line in lines)
         records = [json.loads(line) for line in lines]
         steps = [r["step"] for r in records]
         assert steps == list(range(len(steps))) and 1 < len(steps) < 120
-        meta = json.loads((run_dir / "monitor_logs" / "r_meta.json").read_text())
+        meta = tree(run_dir, "r").meta()
         assert (meta["status"], meta["degraded"]) == ("completed", True)
-        summary = json.loads((run_dir / "monitor_logs" / "r_summary.json").read_text())
+        summary = tree(run_dir, "r").summary()
         assert summary["status"] == "completed" and summary["records_written"] == len(steps)
     finally:
         if "mon" in locals():

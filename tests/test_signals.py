@@ -6,7 +6,6 @@ signal, and checks the exit status and what rank 0 left on disk.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,9 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from workers import read_jsonl
+from tree import tree
 
 from monitor import Monitor
+from monitor.layout import TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "signal_script.py"
@@ -37,13 +37,13 @@ def wait_for(proc: subprocess.Popen, word: str) -> None:
     assert line == word, proc.stderr.read()
 
 
-def end_of(run_dir: Path, part: str = "monitor") -> tuple[dict, dict, list[dict]]:
-    meta = json.loads((run_dir / "monitor_logs" / "run_meta.json").read_text())
-    summary = json.loads((run_dir / f"{part}_logs" / "run_summary.json").read_text())
-    return meta, summary, read_jsonl(run_dir / f"{part}_logs" / "run.jsonl")
+def end_of(run_dir: Path, part: str = TRAIN) -> tuple[dict, dict, list[dict]]:
+    meta = tree(run_dir, "run").meta()
+    summary = tree(run_dir, "run").summary(part)
+    return meta, summary, tree(run_dir, "run").records(part)
 
 
-def assert_terminated(run_dir: Path, name: str, parts=("monitor",)) -> dict:
+def assert_terminated(run_dir: Path, name: str, parts=(TRAIN,)) -> dict:
     meta, _, _ = end_of(run_dir)
     assert (meta["status"], meta["error"]) == ("terminated", name)
     assert meta["segments"][-1]["status"] == "terminated"
@@ -52,8 +52,8 @@ def assert_terminated(run_dir: Path, name: str, parts=("monitor",)) -> dict:
     for part in parts:
         _, summary, records = end_of(run_dir, part)
         assert (summary["status"], summary["error"]) == ("terminated", name), part
-        if part != "monitor":
-            records += read_jsonl(run_dir / f"{part}_logs" / "run_detailed.jsonl")
+        if part != TRAIN:
+            records += tree(run_dir, "run").detailed(part)
         assert summary["records_written"] == len([r for r in records if "metrics" in r]), part
     assert not (run_dir / ".monitor.lock").exists()  # released
     return meta
@@ -68,9 +68,9 @@ def test_sigterm_mid_run_writes_terminated_and_the_pending_values_then_dies_of_i
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=WAIT_S)
     assert proc.returncode == -signal.SIGTERM  # died by the signal, as without the monitor
-    assert_terminated(run_dir, "SIGTERM", ("monitor", *PARTS) if how == "facade" else
-                      ("monitor",))
-    records = [r for r in read_jsonl(run_dir / "monitor_logs" / "run.jsonl")]
+    assert_terminated(run_dir, "SIGTERM", (TRAIN, *PARTS) if how == "facade" else
+                      (TRAIN,))
+    records = [r for r in tree(run_dir, "run").records()]
     # interval 1000: the record of step 0, then every value logged since, as one record
     assert [r["step"] for r in records][:1] == [0] and len(records) == 2
     last = records[-1]
@@ -121,7 +121,7 @@ def test_sigterm_while_rank0_waits_inside_a_gloo_collective(tmp_path):
     assert ranks[0].returncode == -signal.SIGTERM, err
     assert "not reached" not in out
     assert_terminated(run_dir, "SIGTERM")
-    records = read_jsonl(run_dir / "monitor_logs" / "run.jsonl")
+    records = tree(run_dir, "run").records()
     assert [r["step"] for r in records] == [0, 5, 10]
     assert [r.get("rank_local") for r in records] == [None, None,
                                                        {"rank": 0, "reason": "SIGTERM"}]
@@ -144,7 +144,7 @@ def test_under_torchrun_rank1_fails_and_rank0_writes_its_end_at_the_sigterm(tmp_
     assert "exitcode  : -15" in done.stderr and "(SIGTERM)" in done.stderr  # rank 0
     assert "rank 1 fails" in done.stderr
     assert_terminated(run_dir, "SIGTERM")
-    records = read_jsonl(run_dir / "monitor_logs" / "run.jsonl")
+    records = tree(run_dir, "run").records()
     first, last = records[0], records[-1]
     assert first["step"] == 0 and "rank_local" not in first
     assert first["metrics"]["rank"]["count"] == 2  # both ranks' values, reduced
@@ -193,5 +193,5 @@ def test_a_signal_that_stops_the_main_thread_inside_the_monitor_ends_the_run_aft
     assert out.split() == ["inside:", "open", "1", "left"], err
     assert proc.returncode == -getattr(signal, name)
     assert_terminated(run_dir, name)
-    records = read_jsonl(run_dir / "monitor_logs" / "run.jsonl")
+    records = tree(run_dir, "run").records()
     assert [(r["step"], r["metrics"]["loss"]["count"]) for r in records] == [(0, 1), (1, 1)]

@@ -405,17 +405,20 @@ def test_bf16_autocast_step(cfg):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.slow
 def test_the_stand_in_stays_small_enough_for_a_cpu(cfg):
     """What keeps a step fast, counted instead of timed: parameters and FLOPs of one
-    forward + backward at batch 2 (about 0.4 s on one thread of the dev machine)."""
+    forward at batch 2 (a forward + backward is about 0.4-0.9 s on one thread of the dev
+    machine). The backward is about twice the forward (4.69 GFLOP both, measured); the
+    counter's own cost is per op, so the forward alone keeps this test short."""
     from torch.utils.flop_counter import FlopCounterMode
 
     vla = build_tiny_cogvla(cfg, 0)
     batch = synthetic_batch(cfg, 2, gen(), proprio_projector=build_proprio_projector(cfg))
-    with FlopCounterMode(display=False) as flops:
-        vla(**batch).loss.backward()
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        vla(**batch)
     assert sum(p.numel() for p in vla.parameters()) < 3_000_000  # 2.58 M measured
-    assert flops.get_total_flops() < 6e9  # 4.69 GFLOP measured
+    assert flops.get_total_flops() < 2e9  # 1.60 GFLOP measured
 
 
 def ddp_step(rank, world_size):

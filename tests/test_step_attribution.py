@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from workers import read_jsonl
+from tree import tree
 
 from monitor import MonitorSession
 from monitor.pruning import MoERouterObserver, PruningObserver
@@ -69,31 +69,31 @@ def test_each_record_holds_exactly_the_micro_batches_of_its_steps_in_the_forks_o
     labels = expected_labels(interval)
     forwards = [n * accumulation for n in steps_per_record(labels)]
     images = MODEL_CFG.num_images_in_input
-    moe = [r for r in read_jsonl(run / "moe_logs" / "r.jsonl") if "metrics" in r]
+    moe = [r for r in tree(run, "r").records("moe") if "metrics" in r]
     assert [r["step"] for r in moe] == labels
     # one (dino, siglip) weight pair per sample per image per forward
     assert [r["metrics"]["dino_weight"]["count"] for r in moe] == [
         f * BATCH * images for f in forwards]
-    lfp = read_jsonl(run / "lfp_logs" / "r.jsonl")
+    lfp = tree(run, "r").records("lfp")
     assert [r["step"] for r in lfp] == labels
     # one router call per LFP layer per forward, one tokens_before value per sample
     assert [r["metrics"]["layer_08/tokens_before"]["count"] for r in lfp] == [
         f * BATCH for f in forwards]
     assert [r["metrics"]["overall/tokens_before"]["count"] for r in lfp] == [
         f * BATCH * 24 for f in forwards]
-    film = read_jsonl(run / "film_logs" / "r.jsonl")
+    film = tree(run, "r").records("film")
     assert [r["metrics"]["siglip/layer_26/gamma_norm"]["count"] for r in film] == [
         f * BATCH * images for f in forwards]
-    aggr = read_jsonl(run / "aggr_logs" / "r.jsonl")
+    aggr = tree(run, "r").records("aggr")
     assert [r["metrics"]["dino/compression_ratio"]["count"] for r in aggr] == [
         f * BATCH * images for f in forwards]
-    detailed = read_jsonl(run / "lfp_logs" / "r_detailed.jsonl")
+    detailed = tree(run, "r").detailed("lfp")
     assert [r["step"] for r in detailed] == labels
     hist = [r["histograms"]["layer_08/p_keep"] for r in detailed]
     visual = 2 * MODEL_CFG.num_vision_aggr
     assert [sum(h["counts"]) + h["below"] + h["above"] + h["nonfinite"] for h in hist] == [
         f * BATCH * visual for f in forwards]
-    train = read_jsonl(run / "monitor_logs" / "r.jsonl")
+    train = tree(run, "r").records()
     assert [r["step"] for r in train] == labels
     assert [r["metrics"]["loss"]["count"] for r in train] == forwards
     # get_summary() after log_step(s) reflects the last record written: that of the due
@@ -112,10 +112,10 @@ def test_a_sparse_train_context_does_not_move_forwards_between_records(model, tm
     context's own flush at its exit (no accumulation) writes the observers' record of
     that step with exactly its forward."""
     run, _ = fork_loop(model, tmp_path, accumulation=1, interval=1, wandb_log_freq=2)
-    moe = read_jsonl(run / "moe_logs" / "r.jsonl")
+    moe = tree(run, "r").records("moe")
     assert [(r["step"], r["metrics"]["dino_weight"]["count"]) for r in moe] == [
         (s, BATCH * MODEL_CFG.num_images_in_input) for s in range(STEPS)]
-    train = read_jsonl(run / "monitor_logs" / "r.jsonl")
+    train = tree(run, "r").records()
     assert [(r["step"], r["metrics"]["loss"]["count"]) for r in train] == [(0, 1), (2, 1)]
 
 
@@ -143,7 +143,7 @@ def test_log_step_labels_the_values_since_the_previous_call(tmp_path, accumulati
     want = [(0, [0]), (3, [1, 2, 3]), (6, [4, 5, 6]), (7, [7])]
     for part in ("moe", "lfp"):
         key = "entropy" if part == "moe" else "layer_00/p_keep"
-        recs = read_jsonl(tmp_path / "r" / f"{part}_logs" / "r.jsonl")
+        recs = tree(tmp_path / "r", "r").records(part)
         assert [r["step"] for r in recs] == [s for s, _ in want], part
         for rec, (_, steps) in zip(recs, want):
             per = 1 if part == "moe" else 4
@@ -167,5 +167,5 @@ def test_repeated_calls_at_a_due_step_fold_without_a_kernel_when_nothing_ran(tmp
     moe.log_step(0)  # nothing new: no fold
     moe.log_step(1)  # writes record 0
     moe.finalize()
-    recs = read_jsonl(tmp_path / "r" / "moe_logs" / "r.jsonl")
+    recs = tree(tmp_path / "r", "r").records("moe")
     assert [(r["step"], r["metrics"]["entropy"]["count"]) for r in recs] == [(0, 4)]

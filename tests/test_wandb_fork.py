@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tree import tree
 from wandb_helpers import wandb_history, wandb_offline
-from workers import read_jsonl
 
 from monitor.integrations import names
+from monitor.layout import TRAIN
 from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
 from monitor.testing import TinyCogVLAConfig, build_tiny_cogvla, synthetic_batch
 
@@ -134,11 +135,11 @@ def test_no_key_is_written_by_both_and_every_script_value_survives(forked):
 
 def test_every_record_lands_at_its_own_step_metric_with_its_values(forked):
     run_dir, rows, _ = forked
-    for part, key, metric in (("monitor", "monitor/train/loss/mean", "loss"),
+    for part, key, metric in ((TRAIN, "monitor/train/loss/mean", "loss"),
                               ("lfp", "monitor/lfp/overall/p_keep/mean", "overall/p_keep"),
                               ("moe", "monitor/moe/dino_weight/max", "dino_weight")):
-        records = [r for r in read_jsonl(run_dir / f"{part}_logs" / "r.jsonl") if "metrics" in r]
-        prefix = "monitor/train" if part == "monitor" else f"monitor/{part}"
+        records = [r for r in tree(run_dir, "r").records(part) if "metrics" in r]
+        prefix = "monitor/train" if part == TRAIN else f"monitor/{part}"
         field = key.rsplit("/", 1)[1]
         got = [(row[f"{prefix}/step"], row[key]) for row in rows if key in row]
         assert got == [(r["step"], pytest.approx(r["metrics"][metric][field])) for r in records]

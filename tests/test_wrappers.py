@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 import torch
 from harness import run_world
 from test_cogvla import train
+from tree import tree
 from workers import read_jsonl
 
 from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
@@ -40,14 +40,15 @@ def keys_and_paths(run_dir):
     """Every metric/histogram key and meta module path the run wrote."""
     keys = []
     for part in PARTS:
-        for name in ("r.jsonl", "r_detailed.jsonl"):
-            for rec in read_jsonl(run_dir / f"{part}_logs" / name):
+        for kind in ("stream", "detailed"):
+            for rec in read_jsonl(tree(run_dir, "r").path(kind, part)):
                 keys += list(rec.get("metrics", {})) + list(rec.get("histograms", {}))
-    meta = json.loads((run_dir / "monitor_logs" / "r_meta.json").read_text())
+    meta = tree(run_dir, "r").meta()
     paths = meta["parts"]["lfp"]["modules"] + [meta["parts"]["moe"]["module"]]
     return keys, paths, meta
 
 
+@pytest.mark.slow
 def test_peft_lora_model_gives_the_bare_models_keys(tmp_path):
     peft = pytest.importorskip("peft")
     cfg = TinyCogVLAConfig(image_size=16)
@@ -103,6 +104,7 @@ def _wrapped_world(rank, world_size, run_dir, wrapper):
     return counts
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "fsdp2"])
 def test_ddp_and_fsdp_wrapped_models_give_clean_keys_and_rank0_alone_writes(tmp_path, wrapper):
@@ -117,6 +119,6 @@ def test_ddp_and_fsdp_wrapped_models_give_clean_keys_and_rank0_alone_writes(tmp_
     assert not [k for k in keys + paths if any(p in k for p in PREFIXES)]
     assert {"layer_08/p_keep", "siglip/layer_09/gamma_norm", "dino_weight",
             "dino/compression_ratio"} <= set(keys)
-    rec = read_jsonl(run_dir / "moe_logs" / "r.jsonl")[0]
+    rec = tree(run_dir, "r").records("moe")[0]
     assert rec["world_size"] == 2 and rec["metrics"]["entropy"]["count"] == 8  # 2 ranks x 2 x 2
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
