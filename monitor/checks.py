@@ -52,3 +52,13 @@ def check_bool(name: str, value: object, *, none_ok: bool = False) -> bool | Non
         raise SettingTypeError(f"{name} must be a bool{' or None' if none_ok else ''}, "
                                f"got {value!r}")
     return value
+
+
+def check_positive_number(name: str, value: object) -> float:
+    """A finite real number > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SettingTypeError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not (number > 0.0 and number != float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return number

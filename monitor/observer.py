@@ -19,6 +19,12 @@ The first time a metric has non-finite values in a record, an alert record
 on). Values carry ``min_rank``/``max_rank`` (and ``nonfinite_ranks``) like the training
 metrics' (:mod:`monitor.records`).
 
+With ``group_names``, :meth:`Observer.set_groups` labels the samples of the next
+forward(s), and each metric an observer declares with :meth:`Observer.declare_groups` gets
+one row per group (``groups/{group}/{metric}``, one value per sample and hook call) in the
+same fused flush, and each record an ``eta2`` object per such metric
+(:mod:`monitor.groups`).
+
 Every slot is declared before the first hook fires (:meth:`Observer.declare`), so every
 rank reduces the same rows whichever hooks fired. Hooks run under ``torch.no_grad()`` on
 detached tensors, return None and never raise into the model: an error inside one is
@@ -42,7 +48,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from monitor import stats
+from monitor import groups, stats
+from monitor._log import warn_or_log
 from monitor.part import PartWriter
 from monitor.records import metrics_of, record
 from monitor.schedule import check_step
@@ -51,6 +58,15 @@ from monitor.streams import SlotStream
 
 HIST_SEP = "#"
 """Histogram bins are slots named ``{metric}#{bin}``."""
+
+
+class _Current:
+    def __repr__(self) -> str:
+        return "CURRENT_GROUPS"
+
+
+CURRENT_GROUPS = _Current()
+"""Default of the ``groups=`` arguments: the labels of the last :meth:`Observer.set_groups`."""
 
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
@@ -97,6 +113,10 @@ class Observer:
         session: the run this observer belongs to (shared with the training monitor).
         event_interval: steps between compact records.
         detailed_interval: steps between detailed records.
+        group_names: the tasks (or any labels) of the run, fixed and identical on every
+            rank; samples are labelled with :meth:`set_groups`, and each metric declared
+            with :meth:`declare_groups` gets a row per group (``groups/{group}/{metric}``)
+            and ``eta2`` (:mod:`monitor.groups`). None: no groups (nothing changes).
     """
 
     part = "observer"
@@ -104,9 +124,11 @@ class Observer:
     """Metric names also combined over all components into ``overall/{name}``."""
 
     def __init__(self, session: MonitorSession, *, event_interval: int = 10,
-                 detailed_interval: int = 500) -> None:
+                 detailed_interval: int = 500,
+                 group_names: Sequence[str] | None = None) -> None:
         if not isinstance(session, MonitorSession):
             raise TypeError(f"session must be a MonitorSession, got {type(session).__name__}")
+        self.group_names = groups.check_group_names(group_names)
         self.session = session
         self.run_id = session.run_id
         self.events = _ObserverStream(self, "events", event_interval, "pruning_event_log_interval")
@@ -135,6 +157,16 @@ class Observer:
         self.last_step: int | None = None
         self.attached: dict = {}
         self._finalized = False
+        self._group_ids: groups.GroupIds | None = None
+        self._group_slots: dict[str, dict[str, tuple[str, ...]]] = {"events": {},
+                                                                    "detailed": {}}
+        self._group_error: ValueError | None = None
+        self._ungrouped = 0
+        self.last_eta2: dict[str, dict] = {}
+        """The ``eta2`` objects of the last compact record (empty without groups)."""
+        if self.group_names is not None:
+            self.events.slots.declare([groups.INVALID])
+            self.attached["groups"] = list(self.group_names)
         session.on_exit(lambda status, error: self.finalize(status, flush=False, error=error),
                         summary=self.writer.write_summary)
 
@@ -186,6 +218,92 @@ class Observer:
         if cached is None or cached[0] is not tensor:
             cached = self._constants[key] = (tensor, tensor.to(device))
         return cached[1]
+
+    # -- groups (see monitor.groups) ------------------------------------------------------
+
+    def declare_groups(self, metrics: Sequence[str], kind: str = "events") -> None:
+        """Declare ``groups/{group}/{metric}`` for every group and each of ``metrics`` in
+        the ``kind`` stream (``"events"`` or ``"detailed"``); nothing without groups."""
+        if self.group_names is None:
+            return
+        table = self._group_slots[kind]
+        stream = self.events if kind == "events" else self.detailed
+        for metric in metrics:
+            if metric not in table:
+                table[metric] = tuple(groups.key(g, metric) for g in self.group_names)
+                stream.slots.declare(table[metric])
+
+    def set_groups(self, ids: object) -> None:
+        """Label the samples of the next forward(s): one index into ``group_names`` per
+        sample (a list of ints, or a CPU or CUDA integer tensor), in effect until the next
+        call; ``None`` labels nothing. No host sync: a tensor's ids are checked on its
+        device (see :mod:`monitor.groups`).
+
+        Raises:
+            ValueError: the observer has no ``group_names``; a list holds an id outside
+                them; or a tensor given before the last record held such ids (reported
+                once, by this call, on every rank).
+            TypeError: not ints.
+        """
+        error = self.take_group_error()
+        if error is not None:
+            raise error
+        if ids is None:
+            self._group_ids = None
+            return
+        if self.group_names is None:
+            raise ValueError(f"monitor {self.part}: set_groups() needs group_names (the "
+                             "labels the ids index), given when the observer is built")
+        labels = groups.make_group_ids(ids, len(self.group_names))
+        if labels.invalid is not None:
+            with self.session.lock:
+                self.events.slots.update_rows((groups.INVALID,), labels.invalid)
+        self._group_ids = labels
+
+    @property
+    def current_groups(self) -> groups.GroupIds | None:
+        """The labels in effect (what hooks deferred now will be grouped by)."""
+        return self._group_ids
+
+    def take_group_error(self) -> ValueError | None:
+        """The error of ids outside ``group_names`` seen by the last records (once)."""
+        error, self._group_error = self._group_error, None
+        return error
+
+    def add_group_rows(self, metrics: Sequence[str], values: torch.Tensor,
+                       valid: torch.Tensor | None = None, *, labels: object = CURRENT_GROUPS,
+                       kind: str = "events") -> None:
+        """Fold per-sample values into the group slots of ``metrics`` (declared with
+        :meth:`declare_groups`): ``values`` ``(len(metrics), B, n)``, sample ``b``'s ``n``
+        values of each metric (``valid`` leaves elements out). ``labels``: a
+        :class:`~monitor.groups.GroupIds` or None (default: the labels in effect).
+        Nothing without groups or labels; a batch of another size than the labels is
+        left out of every group (said once, counted in meta)."""
+        if labels is CURRENT_GROUPS:
+            labels = self._group_ids
+        if labels is None or self.group_names is None:
+            return
+        assert isinstance(labels, groups.GroupIds)
+        ids = labels.on(values.device) if values.shape[1] == labels.batch else None
+        if ids is None:
+            self._skip_groups(values, labels)
+            return
+        rows = stats.grouped_rows(values, ids, len(self.group_names), valid)
+        table = self._group_slots[kind]
+        stream = self.events if kind == "events" else self.detailed
+        stream.slots.update_rows(joined_names([table[m] for m in metrics]),
+                                 rows.reshape(-1, stats.NUM_COLS))
+
+    def _skip_groups(self, values: torch.Tensor, labels: groups.GroupIds) -> None:
+        self._ungrouped += 1
+        self.attached["ungrouped_calls"] = self._ungrouped
+        if self._ungrouped == 1:
+            why = (f"a batch of {values.shape[1]} samples, but set_groups() gave "
+                   f"{labels.batch} ids" if values.shape[1] != labels.batch else
+                   f"ids on {labels.ids.device} for values on {values.device} (reading them "
+                   "there would wait for the device)")
+            warn_or_log(f"monitor {self.part}: {why}: those values are in no group (said "
+                        "once; meta counts such calls as ungrouped_calls)")
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -309,14 +427,18 @@ class Observer:
                 out["histograms"] = hists
         if not metrics and "histograms" not in out:
             return
+        eta2 = self._eta2(kind, names, rows) if self._group_slots[kind] else None
         rec = record(step, None, self.session.world_size, metrics)
+        if eta2 is not None:
+            rec["eta2"] = eta2
         rec.update(out)
         if note is not None:
             rec["rank_local"] = note
         alerts: list[dict] = []
         if kind == "events":
             self.last_metrics, self.last_step = metrics, step
-            alerts = self.check_alerts(step, metrics)
+            self.last_eta2 = eta2 or {}
+            alerts = self._invalid_ids(metrics) + self.check_alerts(step, metrics)
         self.writer.write(kind, kind, rec, alerts=alerts)
 
     def _overall(self, names: list[str], rows: torch.Tensor) -> dict[str, dict]:
@@ -324,11 +446,32 @@ class Observer:
         out = {}
         for metric in self.overall_metrics:
             idx = [i for i, n in enumerate(names) if n.rsplit("/", 1)[-1] == metric
-                   and not n.startswith("overall/")]
+                   and not n.startswith(("overall/", groups.PREFIX))]
             if not idx:
                 continue
             out.update(metrics_of([f"overall/{metric}"], stats.combine_all(rows[idx])))
         return out
+
+    def _eta2(self, kind: str, names: list[str], rows: torch.Tensor) -> dict[str, dict]:
+        """``{metric: eta2 object}`` of the group metrics of ``kind`` (reduced rows)."""
+        table = self._group_slots[kind]
+        position = {n: i for i, n in enumerate(names)}
+        missing = len(names)  # an empty row appended below: a slot no rank sent
+        index = [position.get(n, missing) for slots in table.values() for n in slots]
+        padded = torch.cat([rows[:, : stats.NUM_COLS], stats.empty_rows(1)])
+        picked = padded[index].view(len(table), -1, stats.NUM_COLS)
+        return dict(zip(table, groups.eta2_values(picked)))
+
+    def _invalid_ids(self, metrics: dict[str, dict]) -> list[dict]:
+        """An ``invalid_group_ids`` alert (and the error the next set_groups raises) when
+        the record counted ids outside group_names."""
+        value = metrics.get(groups.INVALID)
+        if value is None or not value["count"] or self.group_names is None:
+            return []
+        self._group_error = groups.invalid_ids_error(self.part, value, len(self.group_names))
+        return [{"type": "invalid_group_ids", "count": value["count"], "min_id": value["min"],
+                 "max_id": value["max"], "num_groups": len(self.group_names),
+                 "min_rank": value.get("min_rank"), "max_rank": value.get("max_rank")}]
 
     def _histograms(self, names: list[str], rows: torch.Tensor) -> dict[str, dict]:
         counts = rows[:, stats.COUNT].tolist()

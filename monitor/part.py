@@ -100,6 +100,8 @@ class PartWriter:
         self._summary_extra = summary_extra
         self._on_resume = on_resume
         self.summary = SummaryTracker()
+        self.eta2 = SummaryTracker()
+        """First/last/min/max of each metric's ``eta2`` value per stream (with groups)."""
         self.alerts: list[dict] = []
         self._nonfinite_seen: set[tuple[str, str]] = set()
         self._summary_written_at = -math.inf
@@ -118,6 +120,8 @@ class PartWriter:
         self.session.publish(self.name, scope, record)
         if written:  # the summary counts what is on disk (a full disk loses records)
             self.summary.add(step, scope, metrics)
+            if "eta2" in record:
+                self._add_eta2(step, scope, record["eta2"])
         for alert in alerts:
             self.alert(step, alert)
         for alert in nonfinite_alerts(metrics, self._nonfinite_seen, self.scope_key, scope):
@@ -125,6 +129,10 @@ class PartWriter:
         if time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_S:
             self.write_summary("running")
         return written
+
+    def _add_eta2(self, step: int, scope: str, eta2: dict) -> None:
+        self.eta2.add(step, scope, {m: {"mean": v.get("value") if isinstance(v, dict) else None,
+                                        "nonfinite": 0} for m, v in eta2.items()})
 
     def alert(self, step: int, alert: dict) -> None:
         """Write an alert record (and log it on the writing rank)."""
@@ -140,6 +148,8 @@ class PartWriter:
         for rec in kept:
             if isinstance(rec.get("metrics"), dict):
                 self.summary.add(rec["step"], self._scope_of(key, rec), rec["metrics"])
+                if isinstance(rec.get("eta2"), dict):
+                    self._add_eta2(rec["step"], self._scope_of(key, rec), rec["eta2"])
             elif isinstance(rec.get("alert"), dict):
                 self.alerts.append(rec)
         if self._on_resume is not None:
@@ -154,6 +164,11 @@ class PartWriter:
                                        error)
         if self._summary_extra is not None:
             summary.update(self._summary_extra())
+        if self.eta2.records_written:
+            summary["eta2"] = {scope: {m: {k: v for k, v in entry.items()
+                                           if k != "nonfinite_ranks"}
+                                       for m, entry in table.items()}
+                               for scope, table in self.eta2.modes.items()}
         summary.update(alerts=self.alerts, degraded=self.session.degraded)
         self.session.files.write_json(self._summary_relative, summary, pretty=False,
                                       durable=status != "running")

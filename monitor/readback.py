@@ -25,7 +25,13 @@ did again are dropped, like the resume markers (``monitor.records.live_records``
 DataFrames have flat columns: ``step``, ``time``, ``world_size``, ``mode`` (training),
 then ``{metric}.{field}`` for ``mean``, ``std``, ``min``, ``max``, ``count``, ``nonfinite``,
 ``min_rank``, ``max_rank`` and ``nonfinite_ranks`` (a list of ranks, or None where the
-record had no NaN/Inf in that metric).
+record had no NaN/Inf in that metric), and ``eta2/{metric}.{field}`` (``value``,
+``chance``, ``groups``, ``count``) for each ``eta2`` of a run with groups. Per-group values
+are metrics like the others (``groups/{group}/{metric}.mean``); :meth:`PartLog.eta2` and
+:meth:`PartLog.group_names` read them too::
+
+    run["moe"].eta2("siglip_weight")          # (steps, eta2 per record)
+    run["moe"].group_names()                  # ['open the drawer', ...]
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitor.layout import TRAIN, RunLayout, read_json, read_records
-from monitor.records import live_records
+from monitor.records import GROUP_PREFIX, live_records
 
 FIELDS = ("mean", "std", "min", "max", "count", "nonfinite", "min_rank", "max_rank",
           "nonfinite_ranks")
+ETA2_FIELDS = ("value", "chance", "groups", "count")
 
 
 @dataclass
@@ -72,6 +79,34 @@ class PartLog:
             seen.update(dict.fromkeys(rec.get("metrics", {})))
         return list(seen)
 
+    def eta2(self, metric: str, *, detailed: bool = False
+             ) -> tuple[list[int], list[float | None]]:
+        """``(steps, eta2 values)`` of ``metric`` over the records that computed it (the
+        objects' ``value``: None where it was undefined)."""
+        steps, values = [], []
+        for rec in self.detailed if detailed else self.records:
+            table = rec.get("eta2")
+            if isinstance(table, dict) and isinstance(table.get(metric), dict):
+                steps.append(rec["step"])
+                values.append(table[metric].get("value"))
+        return steps, values
+
+    def eta2_names(self, detailed: bool = False) -> list[str]:
+        """Every metric with an ``eta2``, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for rec in self.detailed if detailed else self.records:
+            seen.update(dict.fromkeys(rec.get("eta2") or {}))
+        return list(seen)
+
+    def group_names(self) -> list[str]:
+        """The groups that have values, in order of first appearance (the declared order
+        of ``group_names`` in a run reduced on matching ranks)."""
+        seen: dict[str, None] = {}
+        for key in (*self.metric_names(), *self.metric_names(detailed=True)):
+            if key.startswith(GROUP_PREFIX):
+                seen[key[len(GROUP_PREFIX):].partition("/")[0]] = None
+        return list(seen)
+
     def to_pandas(self, which: str = "records"):
         """A DataFrame of ``records``, ``detailed`` or ``alerts`` (needs pandas)."""
         try:
@@ -85,11 +120,15 @@ class PartLog:
 
 
 def flatten(rec: dict) -> dict:
-    """One flat row: top-level scalars, ``{metric}.{field}``, ``alert.{key}``."""
-    row = {k: v for k, v in rec.items() if k not in ("metrics", "histograms", "alert")}
+    """One flat row: top-level scalars, ``{metric}.{field}``, ``eta2/{metric}.{field}``,
+    ``alert.{key}``."""
+    row = {k: v for k, v in rec.items() if k not in ("metrics", "histograms", "alert", "eta2")}
     for key, value in rec.get("metrics", {}).items():
         for f in FIELDS:
             row[f"{key}.{f}"] = value.get(f)
+    for key, value in (rec.get("eta2") or {}).items():
+        for f in ETA2_FIELDS:
+            row[f"eta2/{key}.{f}"] = value.get(f) if isinstance(value, dict) else None
     for key, value in (rec.get("alert") or {}).items():
         row[f"alert.{key}"] = value
     return row

@@ -24,6 +24,8 @@ import torch
 from monitor import stats
 
 SCHEMA_VERSION = 1
+GROUP_PREFIX = "groups/"
+"""Per-group values' keys start with this (:mod:`monitor.groups`)."""
 
 
 def metrics_of(names: Sequence[str], rows: torch.Tensor) -> dict[str, dict]:
@@ -125,9 +127,12 @@ def nonfinite_alerts(metrics: dict[str, dict], seen: set, scope_key: str,
     """The alerts of a record's metrics that have non-finite values for the first time in
     ``scope`` (a mode or a stream, named ``scope_key`` in the alert); ``seen`` remembers
     ``(scope, metric)`` so each alerts once. An alert names the ranks that saw them
-    (``nonfinite_ranks``) when the value does."""
+    (``nonfinite_ranks``) when the value does. Per-group values (``groups/...``) never
+    alert: they repeat the samples of a metric that does."""
     alerts = []
     for name, value in metrics.items():
+        if name.startswith(GROUP_PREFIX):  # the component's own value alerts (no repeat)
+            continue
         if value["nonfinite"] and (scope, name) not in seen:
             seen.add((scope, name))
             alert = {"type": "nonfinite", scope_key: scope, "metric": name,

@@ -12,7 +12,13 @@ train.png     loss (mean, min-max band, eval points) and lr over steps
 lfp.png       keep probability ``p_keep`` and top-k ``margin`` of each LFP layer
 film.png      ``gamma_norm``, ``beta_norm``, ``modulation_strength`` per sampled block
 moe.png       DINOv2/SigLIP weights (min-max band) and the routing entropy
+groups.png    a run with groups: per group, the MoE SigLIP weight, the FiLM
+              ``gamma_norm`` and the LFP ``p_keep`` over the run (mean +- std), eta^2 in
+              each panel's title, and eta^2 of each over steps
 ============  ==================================================================
+
+Per-group values are left out of the tables (``--all`` shows them); each ``eta2/{metric}``
+gets a row (last, min, max of its per-record values).
 
 Alert steps are marked with red dashed lines in every plot. ``compare`` overlays two runs
 (loss, lr, LFP ``overall/p_keep`` and ``overall/margin``, FiLM ``overall/*``, MoE weights
@@ -27,7 +33,7 @@ import math
 from pathlib import Path
 
 from monitor.readback import RunLog
-from monitor.records import ranks_text
+from monitor.records import GROUP_PREFIX, ranks_text
 
 TABLE_KEYS = {  # what the table shows without --all (components are many: 24 LFP layers)
     "lfp": lambda k: k.startswith("overall/"),
@@ -60,12 +66,15 @@ def part_table(run: RunLog, part: str, *, all_metrics: bool = False) -> str:
     lines = [head]
     modes = sorted({r.get("mode", "train") for r in log.records}) if part == "train" else [None]
     keep = TABLE_KEYS.get(part) if not all_metrics else None
-    hidden = 0
+    hidden = hidden_groups = 0
     rows = []
     for mode in modes:
         for detailed in (False, True) if part != "train" else (False,):
             for key in log.metric_names(detailed):
-                if keep is not None and not keep(key):
+                if key.startswith(GROUP_PREFIX) and not all_metrics:
+                    hidden_groups += 1
+                    continue
+                if keep is not None and not keep(key) and not key.startswith(GROUP_PREFIX):
                     hidden += 1
                     continue
                 s, series = log.metric(key, mode=mode, detailed=detailed)
@@ -81,6 +90,14 @@ def part_table(run: RunLog, part: str, *, all_metrics: bool = False) -> str:
                              _fmt(min(values) if values else None),
                              _fmt(max(values) if values else None), f"{s[0]}..{s[-1]}",
                              str(len(s)), ranks_text(bad_ranks) if bad_ranks else "-"))
+            for key in log.eta2_names(detailed) if mode is None else ():
+                s, series = log.eta2(key, detailed=detailed)
+                values = [v for v in series if v is not None]
+                rows.append((f"eta2/{key}" + (" (detailed)" if detailed else ""),
+                             _fmt(values[-1] if values else None),
+                             _fmt(min(values) if values else None),
+                             _fmt(max(values) if values else None), f"{s[0]}..{s[-1]}",
+                             str(len(s)), "-"))
     if rows:
         header = ("metric", "last", "min", "max", "steps", "records", "nonfinite on")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
@@ -89,6 +106,9 @@ def part_table(run: RunLog, part: str, *, all_metrics: bool = False) -> str:
                                           for i, (c, w) in enumerate(zip(r, widths))))
     if hidden:
         lines.append(f"  ({hidden} per-component metrics not shown: --all shows them)")
+    if hidden_groups:
+        lines.append(f"  ({hidden_groups} per-group metrics of {len(log.group_names())} "
+                     "groups not shown: --all shows them, groups.png draws them)")
     for alert in log.alerts:
         lines.append(f"  alert at step {alert['step']}: {alert['alert']}")
     return "\n".join(lines)
@@ -130,6 +150,9 @@ def report(run: RunLog, out_dir: Path | None = None) -> list[Path]:
             path = draw(plt, run, out_dir / f"{part}.png")
             if path is not None:
                 written.append(path)
+    path = plots.plot_groups(plt, run, out_dir / "groups.png")
+    if path is not None:
+        written.append(path)
     return written
 
 

@@ -186,6 +186,46 @@ def rows_of_bins_many(values: torch.Tensor, bins: Bins | Sequence[float]) -> tor
     return rows
 
 
+def grouped_rows(values: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """One row per quantity and group, of one value per sample: ``(k, num_groups, 6)`` for
+    ``values`` ``(k, B, n)``.
+
+    Sample ``b`` of the batch belongs to group ``groups[b]`` (a long tensor ``(B,)`` on
+    ``values``' device, each in ``0 .. num_groups``; ``num_groups`` itself is a discard
+    bucket for samples of no group, left out of the result). Its value of quantity ``i`` is
+    the mean of its ``n`` elements ``values[i, b]`` that are finite and ``valid`` (as in
+    :func:`rows_of_samples`); a sample with none is not counted. A group's row holds the
+    moments, min and max of its samples' values (COUNT: how many samples), and NONFINITE the
+    NaN/Inf elements of its samples (left out of their means). Two-pass per group, with
+    ``index_add`` and ``scatter_reduce_`` on the device: no loop over groups, no host sync.
+    """
+    k, batch, n = values.shape
+    if n == 1 and valid is None:  # one value per sample already (MoE, FiLM, aggregation)
+        x = values.detach().reshape(k * batch).to(DTYPE)
+        seen = torch.isfinite(x)
+        bad = (~seen).to(DTYPE)
+    else:
+        per = rows_of_samples(values.reshape(k * batch, n),
+                              None if valid is None else valid.reshape(k * batch, n))
+        x, seen, bad = per[:, MEAN], per[:, COUNT] > 0, per[:, NONFINITE]
+    x = torch.where(seen, x, 0.0)
+    buckets = num_groups + 1
+    index = (torch.arange(k, device=values.device).unsqueeze(1) * buckets
+             + groups.to(torch.long).unsqueeze(0)).reshape(-1)  # (k * B,)
+    sums = torch.zeros(k * buckets, 3, dtype=DTYPE, device=values.device).index_add_(
+        0, index, torch.stack([seen.to(DTYPE), x, bad], dim=1))  # count, sum, non-finite
+    n_g = sums[:, 0]
+    mean_g = sums[:, 1] / n_g.clamp(min=1.0)
+    spread = torch.where(seen, (x - mean_g.index_select(0, index)).square(), 0.0)
+    m2 = torch.zeros_like(n_g).index_add_(0, index, spread)
+    extremes = torch.full((k * buckets, 2), -math.inf, dtype=DTYPE, device=values.device)
+    extremes.scatter_reduce_(0, index.unsqueeze(1).expand(-1, 2), torch.where(
+        seen.unsqueeze(1), torch.stack([x, -x], dim=1), -math.inf), "amax")  # max, -min
+    rows = torch.stack([n_g, mean_g, m2, -extremes[:, 1], extremes[:, 0], sums[:, 2]], dim=1)
+    return rows.view(k, buckets, NUM_COLS)[:, :num_groups]
+
+
 def rows_of_scalars(values: torch.Tensor) -> torch.Tensor:
     """One row per element of the 1-d ``values`` (each a single sample)."""
     x = values.detach().reshape(-1).to(DTYPE)

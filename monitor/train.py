@@ -31,7 +31,9 @@ each ``extra`` key     same object
 The first time a metric of a mode has non-finite values in a record, an alert line
 ``{"step", "time", "world_size", "alert": {"type": "nonfinite", "mode", "metric",
 "nonfinite", "count", "nonfinite_ranks"}}`` follows that record (once per metric and mode;
-training goes on).
+training goes on). A train record whose ``loss`` max is more than 6 standard deviations
+above the previous 32 train records' values is followed by a ``loss_spike`` alert
+(``spike_*`` arguments; :mod:`monitor.alerts`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 
+from monitor.alerts import LossSpike
 from monitor.checks import check_bool, check_positive_int
 from monitor.integrations import add_integrations, check_extras
 from monitor.layout import TRAIN
@@ -160,8 +163,12 @@ class Monitor(FinishesOnExit):
             export (``monitor.integrations.names``).
         handle_signals: SIGTERM/SIGINT end the run as ``"terminated"`` before the signal
             goes on (see ``MonitorSession``); False leaves signals alone.
-        The last five apply when the monitor builds its own session; with ``session=``,
+        The five above apply when the monitor builds its own session; with ``session=``,
         whoever built it adds integrations (``monitor.integrations.add_integrations``).
+        spike_metric, spike_k, spike_window, spike_warmup: the ``loss_spike`` alert: a
+            train record whose ``spike_metric`` max exceeds mean + ``spike_k`` std of the
+            previous ``spike_window`` train records' values, once ``spike_warmup`` records
+            were seen (:class:`monitor.alerts.LossSpike`; ``spike_metric=None``: off).
 
     ``log()`` and ``step()`` may be called from several threads: every value is counted
     once (the session's lock guards the slots; it costs well under a microsecond a call).
@@ -183,8 +190,13 @@ class Monitor(FinishesOnExit):
         console: bool = True,
         export_all: bool = False,
         handle_signals: bool = True,
+        spike_metric: str | None = "loss",
+        spike_k: float = 6.0,
+        spike_window: int = 32,
+        spike_warmup: int = 8,
     ) -> None:
         log_interval = check_positive_int("log_interval", log_interval)
+        self.spike = LossSpike(spike_metric, spike_k, spike_window, spike_warmup)
         check_bool("tensorboard", tensorboard)
         check_bool("wandb", wandb, none_ok=True)
         check_bool("console", console)
@@ -219,7 +231,8 @@ class Monitor(FinishesOnExit):
         self.writer = PartWriter(session, TRAIN, {"records": layout.stream(TRAIN)},
                          alert_file="records", scope_key="mode",
                          summary_path=layout.summary(TRAIN),
-                         scope_of=lambda key, rec: rec.get("mode", "train"))
+                         scope_of=lambda key, rec: rec.get("mode", "train"),
+                         on_resume=self._on_resume)
         self.jsonl_path = self.writer.paths["records"]
         self.summary_path = self.writer.summary_path
         self._last: int | None = None
@@ -346,4 +359,14 @@ class Monitor(FinishesOnExit):
             rec = record(step, mode, self.session.world_size, metrics)
             if note is not None:
                 rec["rank_local"] = note
-            self.writer.write("records", mode, rec)
+            alerts = self.spike.check(metrics) if mode == "train" else []
+            self.writer.write("records", mode, rec, alerts=alerts)
+
+    def _on_resume(self, key: str, kept: list[dict]) -> None:
+        """A resumed run: the spike window holds the earlier segments' last train records."""
+        value_of = self.spike.metric
+        for rec in kept:
+            metrics = rec.get("metrics")
+            if rec.get("mode", "train") == "train" and isinstance(metrics, dict) and \
+                    isinstance(metrics.get(value_of), dict):
+                self.spike.observe(metrics[value_of])

@@ -28,9 +28,19 @@ forensics The rank fields (``min_rank``, ``max_rank``, ``nonfinite_ranks``) agai
           whole flush in wall and in CPU time, and its reduction), collectives per flush,
           and bytes per JSONL record line of each (a clean record, and one where one
           metric saw a NaN on rank 1).
+groups    Per-task groups (issue 15) with 40 groups and every part on: the stand-in of
+          ``overhead`` (same shapes) trained with the facade with ``group_names`` and a
+          ``set_groups`` call per step, and without groups, steps alternated in one process
+          (two copies of the model, default intervals): median step-time ratio (wall and
+          process CPU), and the time in the monitor's hooks and batched statistics of each:
+          the step without groups plus that difference, over the step (what grouping adds,
+          measured where it happens: a loaded machine moves whole steps by more). Then the
+          flush alone (hook work drained first; compact records every step, forwards only):
+          median ms per flush of each, alternated, and the rows and record bytes it writes.
 syncs     Calls that hand a tensor to the host (``.item()``, ``.cpu()``, ``.tolist()``,
           ``.numpy()``, ``__float__``, ``__bool__``, ``__int__``, ``__index__``) made by monitor
-          code during training steps between flushes (must be 0), and at a flush.
+          code during training steps between flushes (must be 0), and at a flush; with 40
+          groups and a ``set_groups`` call per step.
 log       What one ``log()`` call costs (two host floats, or two 0-d tensors), with the
           session's thread lock and with the lock swapped for a no-op, alternated in one
           process (the fastest round of each: the least disturbed by other load): the
@@ -377,7 +387,9 @@ class HookTimer:
         self._observer.Observer.hook, self._observer.Observer.drain = self._hook, self._drain
 
 
-def _train_step(model, opt, batch, mon, step):
+def _train_step(model, opt, batch, mon, step, tasks=None):
+    if tasks is not None:
+        mon.set_groups(tasks)  # before the forward, as a script does
     out = model(**batch)
     out.loss.backward()
     opt.step()
@@ -564,6 +576,118 @@ def bench_real_width_hooks(threads: int, batch_size: int, reps: int = 15) -> dic
             "ms_by_part": ms, "ms_per_step": sum(ms.values())}
 
 
+# -- per-task groups ---------------------------------------------------------------------------
+
+NUM_GROUPS = 40
+"""LIBERO's 40 tasks."""
+
+
+def _grouped_facades(tmp: str, models, **cfg):
+    """Two facades with every part on, the first with 40 groups (``cfg``: intervals)."""
+    from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
+
+    names = [f"task {i:02d}" for i in range(NUM_GROUPS)]
+    mons = []
+    for i, group_names in enumerate((names, None)):
+        mon = CogVLAMonitoring(run_dir=f"{tmp}/run{i}", run_id=f"groups{i}", config_name="bench",
+                               cfg=CogVLAMonitoringConfig(participation="local", console=False,
+                                                          group_names=group_names, **cfg))
+        mon.attach(models[i])
+        mons.append(mon)
+    return mons
+
+
+def bench_groups(steps: int, flushes: int, batch_size: int, threads: int) -> dict:
+    from monitor.testing import build_tiny_cogvla, synthetic_batch
+
+    torch.set_num_threads(threads)
+    logging.getLogger("monitor").setLevel(logging.ERROR)  # alerts of the untrained stand-in
+    cfg = bench_config()
+    gen = torch.Generator().manual_seed(0)
+    tasks = torch.randint(0, NUM_GROUPS, (batch_size,), generator=gen)
+    batch = synthetic_batch(cfg, batch_size=batch_size, generator=gen, tasks=tasks)
+    models = [build_tiny_cogvla(cfg, seed=0) for _ in range(2)]  # [groups, no groups]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models]
+    result: dict = {"groups": NUM_GROUPS, "batch_size": batch_size, "threads": threads}
+    timer = HookTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        mons = _grouped_facades(tmp, models)
+        wall: dict[int, list[float]] = {0: [], 1: []}
+        cpu: dict[int, list[float]] = {0: [], 1: []}
+        hooks: dict[int, list[float]] = {0: [], 1: []}
+        warmup = 0 if QUICK else 2
+        for i in range(warmup + steps):
+            for which in (0, 1) if i % 2 == 0 else (1, 0):  # no position bias
+                gc.collect()
+                before = timer.seconds
+                t0, c0 = time.perf_counter(), time.process_time()
+                _train_step(models[which], opts[which], batch, mons[which], i,
+                            tasks if which == 0 else None)
+                if i >= warmup:
+                    wall[which].append(time.perf_counter() - t0)
+                    cpu[which].append(time.process_time() - c0)
+                    hooks[which].append(timer.seconds - before)
+        for mon in mons:
+            mon.finalize()
+    timer.restore()
+    med = {k: {w: statistics.median(v[w]) for w in (0, 1)} for k, v in
+           (("wall", wall), ("cpu", cpu), ("hooks", hooks))}
+    result.update(
+        steps_each=steps, step_s_groups=med["wall"][0], step_s_plain=med["wall"][1],
+        overhead_ratio=med["wall"][0] / med["wall"][1],
+        mean_ratio=statistics.mean(wall[0]) / statistics.mean(wall[1]),
+        cpu_ratio=med["cpu"][0] / med["cpu"][1],
+        hook_ms_groups=med["hooks"][0] * 1e3, hook_ms_plain=med["hooks"][1] * 1e3,
+        # what grouping itself adds (its hook and drain time), against the step without it:
+        # robust to the load of a shared machine, which moves whole steps by seconds
+        hook_ratio=(med["wall"][1] + med["hooks"][0] - med["hooks"][1]) / med["wall"][1])
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        mons = _grouped_facades(tmp, models, pruning_event_log_interval=1,
+                                monitor_log_interval=1)
+        flush_ms: dict[int, list[float]] = {0: [], 1: []}
+        first = 1 if QUICK else 2  # the first flush decides participation, sizes buffers
+        for i in range(first + flushes):
+            for which in (0, 1) if i % 2 == 0 else (1, 0):
+                mon = mons[which]
+                if which == 0:
+                    mon.set_groups(tasks)
+                models[which](**batch)
+                for obs in mon.observers.values():
+                    obs.drain()  # the hook work: not the flush's
+                t0 = time.perf_counter()
+                mon.log_step(i)  # writes record i - 1 (every compact stream)
+                if i >= first:
+                    flush_ms[which].append((time.perf_counter() - t0) * 1e3)
+                with mon.step(i) as h:
+                    h.log(loss=0.5)
+        for mon in mons:
+            mon.finalize()
+        line_bytes = []
+        for i in range(2):
+            path = Path(tmp, f"run{i}", "lfp_logs", f"groups{i}.jsonl")
+            lines = [x for x in path.read_bytes().split(b"\n") if b'"metrics"' in x]
+            line_bytes.append(statistics.median(len(x) + 1 for x in lines))
+        rows = [sum(len(o.events.slots.names) for o in m.observers.values()) for m in mons]
+    result.update(flushes_each=flushes, flush_ms_groups=statistics.median(flush_ms[0]),
+                  flush_ms_plain=statistics.median(flush_ms[1]),
+                  flush_ratio=statistics.median(flush_ms[0]) / statistics.median(flush_ms[1]),
+                  compact_rows_groups=rows[0], compact_rows_plain=rows[1],
+                  lfp_bytes_per_line_groups=line_bytes[0], lfp_bytes_per_line_plain=line_bytes[1])
+    print(f"\ngroups: {NUM_GROUPS} groups, every part on, stand-in of 'overhead' (batch "
+          f"{batch_size}, {threads} thread(s)), {steps} steps each, alternated")
+    print(f"  step median: without groups {result['step_s_plain']:.3f} s, with "
+          f"{result['step_s_groups']:.3f} s: ratio {result['overhead_ratio']:.4f} (means: "
+          f"{result['mean_ratio']:.4f}; process CPU time: {result['cpu_ratio']:.4f})")
+    print(f"  monitor hooks + batched statistics per step: {result['hook_ms_plain']:.1f} ms "
+          f"without groups, {result['hook_ms_groups']:.1f} ms with: the step plus that "
+          f"difference, {result['hook_ratio']:.4f}x (target <= 1.01)")
+    print(f"  flush (compact records of every part, {flushes} each, alternated): "
+          f"{result['flush_ms_plain']:.1f} ms without groups, {result['flush_ms_groups']:.1f} ms "
+          f"with: ratio {result['flush_ratio']:.2f} (target <= 2); compact rows "
+          f"{rows[1]} -> {rows[0]}, LFP record {line_bytes[1]:.0f} -> {line_bytes[0]:.0f} bytes")
+    return result
+
+
 # -- host syncs ------------------------------------------------------------------------------
 
 def bench_syncs(steps: int, batch_size: int) -> dict:
@@ -579,13 +703,15 @@ def bench_syncs(steps: int, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         mon = CogVLAMonitoring(run_dir=f"{tmp}/run", run_id="syncs", cfg=CogVLAMonitoringConfig(
             participation="local", monitor_log_interval=interval,
-            pruning_event_log_interval=interval, detailed_log_interval=interval))
+            pruning_event_log_interval=interval, detailed_log_interval=interval,
+            group_names=[f"task {i:02d}" for i in range(NUM_GROUPS)]))
         mon.attach(model)
-        _train_step(model, opt, batch, mon, 0)  # step 0 is due everywhere
-        _train_step(model, opt, batch, mon, 1)  # ... and flushed at step 1's first call
+        tasks = torch.arange(batch_size) % NUM_GROUPS  # a CPU tensor: checked there, no read
+        _train_step(model, opt, batch, mon, 0, tasks)  # step 0 is due everywhere
+        _train_step(model, opt, batch, mon, 1, tasks)  # ... and flushed at step 1's first call
         with HostSyncSpy(only_from="monitor") as between:
             for step in range(2, steps + 2):
-                _train_step(model, opt, batch, mon, step)
+                _train_step(model, opt, batch, mon, step, tasks)
         with HostSyncSpy(only_from="monitor") as at_flush:
             _train_step(model, opt, batch, mon, interval)
             _train_step(model, opt, batch, mon, interval + 1)  # flushes step `interval`
@@ -594,7 +720,8 @@ def bench_syncs(steps: int, batch_size: int) -> dict:
               "by_method_between": dict(between.counts),
               "host_syncs_in_a_flush_and_finalize": len(at_flush.calls)}
     print(f"\nsyncs: {len(between.calls)} host reads of tensors by monitor code in {steps} "
-          f"training steps between flushes; {len(at_flush.calls)} in a flushing step and "
+          f"training steps between flushes (40 groups, set_groups every step); "
+          f"{len(at_flush.calls)} in a flushing step and "
           f"finalize ({dict(at_flush.counts)}: the reduced results are read; 2 per flush "
           "copy from the device, marked in monitor/distributed.py, the rest read host copies)")
     return result
@@ -738,13 +865,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="+",
-                   default=["flush", "forensics", "overhead", "syncs", "log", "memory"],
-                   choices=["flush", "forensics", "overhead", "syncs", "log", "memory"])
+                   default=["flush", "forensics", "overhead", "groups", "syncs", "log",
+                            "memory"],
+                   choices=["flush", "forensics", "overhead", "groups", "syncs", "log",
+                            "memory"])
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 3])
     p.add_argument("--metrics", type=int, nargs="+", default=[10, 100, 1000, 10_000])
     p.add_argument("--forensics-ranks", type=int, nargs="+", default=[2])
     p.add_argument("--forensics-metrics", type=int, nargs="+", default=[1000])
     p.add_argument("--steps", type=int, default=12, help="overhead: steps each, alternated")
+    p.add_argument("--group-steps", type=int, default=12,
+                   help="groups: training steps each, alternated")
+    p.add_argument("--group-flushes", type=int, default=15, help="groups: flushes each")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     p.add_argument("--memory-steps", type=int, nargs="+", default=[1000, 10_000])
@@ -757,6 +889,7 @@ def main() -> None:
         args.metrics = [k for k in args.metrics if k <= 10] or [10]
         args.forensics_metrics = [k for k in args.forensics_metrics if k <= 100] or [100]
         args.steps, args.batch_size, args.memory_steps = 1, 1, [40, 60]
+        args.group_steps, args.group_flushes = 1, 1
         args.threads = 1  # a loaded machine: no thread fights the others
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                "machine": machine(), "time": time.time()}
@@ -765,6 +898,8 @@ def main() -> None:
         "forensics": lambda: bench_forensics(args.forensics_ranks, args.forensics_metrics,
                                              args.quick),
         "overhead": lambda: bench_overhead(args.steps, args.batch_size, args.threads),
+        "groups": lambda: bench_groups(args.group_steps, args.group_flushes, args.batch_size,
+                                       args.threads),
         "syncs": lambda: bench_syncs(3 if args.quick else 5, args.batch_size),
         "log": lambda: bench_log(200 if args.quick else 500, 4 if args.quick else 40),
         # growth does not scale with tensor sizes, only with calls and flushes: batch 2

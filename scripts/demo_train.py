@@ -6,7 +6,9 @@ module names, call order and shapes at toy widths) on its own synthetic batches,
 (``find_unused_parameters=True``: the last block of each ViT never gets a gradient, as in
 the real model). ``CogVLAMonitoring`` is built on every rank with all five parts on and is
 called exactly as the public CogVLA training script calls it; rank 0 writes
-``runs/{run_id}/``.
+``runs/{run_id}/``. Each sample is drawn from one of ``--tasks`` synthetic tasks (its
+instruction tokens are that task's), passed to ``monitor.set_groups`` before the forward,
+so the records carry per-task statistics and the report draws ``groups.png``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--event-interval", type=int, default=5, help="pruning_event_log_interval")
     p.add_argument("--detailed-interval", type=int, default=15, help="detailed_log_interval")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--tasks", type=int, default=40,
+                   help="synthetic tasks the samples are drawn from, given to the monitor as "
+                        "group_names (LIBERO has 40); 0: no groups")
     p.add_argument("--inject-nan", metavar="RANK:STEP", default=None,
                    help="log a NaN loss on RANK at STEP (training itself is untouched): "
                         "see README 'Which rank?'")
@@ -52,6 +57,17 @@ def parse_args() -> argparse.Namespace:
                    help="enable_wandb (default: only into an existing wandb.run; with "
                         "--wandb and WANDB_MODE=offline the run goes to RUN_DIR/wandb/)")
     return p.parse_args()
+
+
+VERBS = ("pick up", "put", "open", "close", "push", "turn on", "stack", "place")
+OBJECTS = ("the black bowl", "the top drawer of the cabinet", "the alphabet soup",
+           "the cream cheese box", "the ketchup bottle")
+
+
+def task_names(n: int) -> list[str]:
+    """``n`` distinct synthetic task instructions (LIBERO-like, made up)."""
+    names = [f"{verb} {obj}" for obj in OBJECTS for verb in VERBS]
+    return [names[i] if i < len(names) else f"task {i}" for i in range(n)]
 
 
 def main() -> None:
@@ -78,6 +94,7 @@ def main() -> None:
         pruning_event_log_interval=args.event_interval, enable_tensorboard=args.tensorboard,
         enable_wandb=args.wandb, film_sample_layers=[0, 9, 18, 26],
         console_samples_per_step=args.batch_size * args.grad_accumulation * world,
+        group_names=task_names(args.tasks) if args.tasks else None,
     )
     monitor = CogVLAMonitoring(run_dir=args.run_dir, run_id=args.run_id,
                                config_name="synthetic-libero", cfg=monitor_cfg)
@@ -92,7 +109,12 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own data
     for batch_idx in range(args.steps * args.grad_accumulation):
         step = batch_idx // args.grad_accumulation
-        out = vla(**synthetic_batch(cfg, batch_size=args.batch_size, generator=gen))
+        tasks = None
+        if args.tasks:
+            tasks = torch.randint(0, args.tasks, (args.batch_size,), generator=gen)
+            monitor.set_groups(tasks)  # before the forward: which task each sample is
+        out = vla(**synthetic_batch(cfg, batch_size=args.batch_size, generator=gen,
+                                    tasks=tasks))
         (out.loss / args.grad_accumulation).backward()
         monitor.log_step(step)  # after the forward: it labels what the hooks just saw
         last_micro_batch = (batch_idx + 1) % args.grad_accumulation == 0

@@ -137,7 +137,7 @@ def test_readme_commands_take_the_demo_to_tensorboard_wandb_offline_and_the_repo
     assert report_main(["report", str(run_dir)]) == 0
     assert "== lfp: 4 records, steps 0..5" in capsys.readouterr().out
     assert sorted(p.name for p in (run_dir / "report").glob("*.png")) == [
-        "film.png", "lfp.png", "moe.png", "train.png"]
+        "film.png", "groups.png", "lfp.png", "moe.png", "train.png"]  # the demo's 40 tasks
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ name        a JSONL metric or histogram key (``loss``, ``overall/p_keep``,
             and ``{before}~layers/{after}`` (every layer of a per-layer key ``{before}
             layer_NN/{after}``, e.g. ``~layers/p_keep``, ``dino/~layers/gamma_norm``)
 field       ``mean``, ``std``, ``min``, ``max``: scalars; ``nonfinite``: the number of
-            non-finite values (scalar, only when > 0); ``hist``: a histogram;
+            non-finite values (scalar, only when > 0); ``value``: a record's ``eta2``
+            of a metric, under the name ``eta2/{metric}``; ``hist``: a histogram;
             ``mean_hist``: a histogram, over layers, of the per-layer means; ``alerts``:
             the running number of alerts (W&B), ``alert``: an alert's text (TensorBoard)
 ==========  ===========================================================================
@@ -38,10 +39,14 @@ Two exports (``export_all``):
   ``{before}~layers/{after}/{field}``, left out where the record's own ``overall/{after}``
   is that same combination) and as one ``mean_hist`` of its layers' means; per-layer
   histograms summed into one ``{before}~layers/{after}/hist``; the non-finite counts of a
-  record summed into ``~record/nonfinite``. With every CogVLA part on this is under 200
-  scalar keys (see ``monitor/README.md``), where the full export has about 1,000.
-* all: every value of every record as scalars (``nonfinite`` per metric) and every
-  histogram, names as above.
+  record summed into ``~record/nonfinite``; per-group values (``groups/{group}/...``) left
+  out, each metric's ``eta2`` in (``eta2/{metric}/value``: one key per metric, whatever
+  the number of groups; not for the metrics of :data:`ETA2_DERIVED`). With every CogVLA
+  part on this is under 200 scalar keys, with or without groups (see ``monitor/README.md``),
+  where the full export has about 1,000 (and, with groups, 4 fields of each of the 17
+  group metrics per group more).
+* all: every value of every record as scalars (``nonfinite`` per metric), every
+  ``eta2`` and every histogram, names as above.
 
 The rank fields (``min_rank``, ``max_rank``, ``nonfinite_ranks``) are not exported as
 scalars: a rank number plotted over steps is an identifier, not a quantity (its "mean" or
@@ -58,7 +63,13 @@ from collections.abc import Iterator
 
 MODES = ("train", "eval", "val", "test")
 SCALAR_FIELDS = ("mean", "std", "min", "max")
-FIELDS = (*SCALAR_FIELDS, "nonfinite", "hist", "mean_hist", "alerts", "alert")
+FIELDS = (*SCALAR_FIELDS, "nonfinite", "value", "hist", "mean_hist", "alerts", "alert")
+ETA2 = "eta2"
+GROUPS = "groups/"
+ETA2_DERIVED = frozenset({"p_keep_entropy", "modulation_strength", "entropy"})
+"""Metrics whose eta2 the compact export leaves out: each is a function of others that it
+exports (LFP ``p_keep``; FiLM ``gamma_norm``/``beta_norm``; the MoE weights). The records,
+the summary and ``export_all`` keep them."""
 STEP = "step"
 MARK = "~"
 RECORD = "~record"
@@ -106,6 +117,10 @@ def scalars(part: str, kind: str, record: dict, export_all: bool = False
     """``(flat name, value)`` of a record's metrics (nulls skipped; see the module doc)."""
     base = prefix(part, kind)
     metrics = record.get("metrics", {})
+    for key, v in (record.get(ETA2) or {}).items():
+        if isinstance(v, dict) and v.get("value") is not None and \
+                (export_all or key not in ETA2_DERIVED):
+            yield name(base, f"{ETA2}/{escape(key)}", "value"), v["value"]
     if export_all:
         for key, value in metrics.items():
             key = escape(key)
@@ -117,6 +132,8 @@ def scalars(part: str, kind: str, record: dict, export_all: bool = False
     nonfinite = 0
     groups: dict[str, list[dict]] = {}
     for key, value in metrics.items():
+        if key.startswith(GROUPS):  # per group: export_all only
+            continue
         if not key.startswith("overall/"):
             nonfinite += value.get("nonfinite") or 0
         group = layer_group(escape(key))
@@ -163,6 +180,8 @@ def layer_profiles(part: str, kind: str, record: dict, export_all: bool = False
     base = prefix(part, kind)
     groups: dict[str, list[float]] = {}
     for key, value in record.get("metrics", {}).items():
+        if key.startswith(GROUPS):
+            continue
         group = layer_group(escape(key))
         if group is not None and value.get("mean") is not None:
             groups.setdefault(group, []).append(value["mean"])

@@ -25,6 +25,9 @@ key                             samples (one per ...)                           
 ``{c}/modulation_strength``     sample (see above)                                   events
 ``{c}/gamma``, ``{c}/beta``     histograms of the elements over fixed bins           detailed
 ==============================  ===================================================  ========
+
+With ``group_names``: ``groups/{g}/{m}`` for the three ``overall/{m}`` (one value per sample
+per pass: its mean over every component of the pass) and the record's ``eta2``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class FiLMObserver(Observer):
         event_interval: steps between compact records.
         detailed_interval: steps between detailed records.
         hist_edges: bin edges of the gamma and beta histograms.
+        group_names: per-task groups (see :class:`~monitor.observer.Observer`): each
+            ``overall/{m}`` gets ``groups/{group}/{m}`` and ``eta2/{m}``.
     """
 
     part = "film"
@@ -59,9 +64,11 @@ class FiLMObserver(Observer):
 
     def __init__(self, session: MonitorSession, components: Sequence[str] = (), *,
                  event_interval: int = 10, detailed_interval: int = 500,
-                 hist_edges: Sequence[float] = DEFAULT_EDGES) -> None:
+                 hist_edges: Sequence[float] = DEFAULT_EDGES,
+                 group_names: Sequence[str] | None = None) -> None:
         super().__init__(session, event_interval=event_interval,
-                         detailed_interval=detailed_interval)
+                         detailed_interval=detailed_interval, group_names=group_names)
+        self.declare_groups(OVERALL)
         self._edges = [float(e) for e in hist_edges]
         self.components: list[str] = []
         self._names: dict[str, dict[str, tuple]] = {}
@@ -100,38 +107,72 @@ class FiLMObserver(Observer):
             if value is None or value.numel() == 0:
                 continue
             value = value.detach().reshape(-1, value.shape[-1])
-            self.defer((component, kind), self._observe_deferred, (component, kind, value,
-                                                                   self.inplace_version(value)))
+            self.defer((component, kind), self._observe_deferred,
+                       (component, kind, self.current_groups, value,
+                        self.inplace_version(value)))
 
     def _observe_deferred(self, items: list[tuple]) -> None:
         groups: dict[tuple, list[tuple]] = {}
-        for component, kind, value, _ in self.unchanged(items):
-            groups.setdefault((value.shape, value.device), []).append((component, kind, value))
+        for component, kind, labels, value, _ in self.unchanged(items):
+            groups.setdefault((value.shape, value.device, id(labels)), []).append(
+                (component, kind, value, labels))
+        by_labels: dict[int, list] = {}
         for group in groups.values():
-            values = torch.stack([v for _, _, v in group]).to(stats.DTYPE)  # (n, B, width)
+            values = torch.stack([v for _, _, v, _ in group]).to(stats.DTYPE)  # (n, B, width)
             n = values.shape[0]
-            names = [self._names[c] for c, _, _ in group]
+            names = [self._names[c] for c, _, _, _ in group]
             element = stats.rows_of_samples(values.reshape(n, -1))
-            norm = stats.rows_of_samples(values.norm(dim=2))
+            norms = values.norm(dim=2)  # (n, B)
+            norm = stats.rows_of_samples(norms)
             self.events.slots.update_rows(
-                joined_names([nm[kind] for nm, (_, kind, _) in zip(names, group)]),
+                joined_names([nm[kind] for nm, (_, kind, _, _) in zip(names, group)]),
                 torch.stack([element, norm], dim=1).reshape(-1, stats.NUM_COLS))
-            self.add_to_histograms([nm[f"{kind}_hist"] for nm, (_, kind, _) in zip(names, group)],
+            self.add_to_histograms([nm[f"{kind}_hist"]
+                                    for nm, (_, kind, _, _) in zip(names, group)],
                                    values.reshape(n, -1))
-            self._strength(group, values)
+            strength = self._strength(group, values)
+            if self.group_names is not None:
+                by_labels.setdefault(id(group[0][3]), []).append((group, norms, strength))
+        for parts in by_labels.values():
+            self._group_rows(parts)
 
-    def _strength(self, group: list[tuple], values: torch.Tensor) -> None:
-        """``modulation_strength`` of every component with both gamma and beta here."""
-        where = {(c, kind): i for i, (c, kind, _) in enumerate(group)}
-        pairs = [(where[(c, "gamma")], where[(c, "beta")], c) for c, kind, _ in group
+    def _strength(self, group: list[tuple], values: torch.Tensor) -> torch.Tensor | None:
+        """``modulation_strength`` ``(pairs, B)`` of every component with both gamma and
+        beta here (None when there is none)."""
+        where = {(c, kind): i for i, (c, kind, _, _) in enumerate(group)}
+        pairs = [(where[(c, "gamma")], where[(c, "beta")], c) for c, kind, _, _ in group
                  if kind == "gamma" and (c, "beta") in where]
         if not pairs:
-            return
+            return None
         sq = values.square().mean(dim=2)  # (n, B)
         strength = (sq[[g for g, _, _ in pairs]] + sq[[b for _, b, _ in pairs]]).sqrt()
         self.events.slots.update_rows(
             joined_names([self._names[c]["strength"] for _, _, c in pairs]),
             stats.rows_of_samples(strength))
+        return strength
+
+    def _group_rows(self, parts: list[tuple]) -> None:
+        """Each sample's norms and strength, averaged over every component of this pass
+        (both encoders), into its group's slots. ``parts``: ``(group, norms, strength)``
+        of the calls made under one set of labels."""
+        labels = parts[0][0][0][3]
+        columns = {}
+        for kind, metric in (("gamma", "gamma_norm"), ("beta", "beta_norm")):
+            columns[metric] = [norms[[i for i, it in enumerate(group) if it[1] == kind]]
+                               for group, norms, _ in parts if any(it[1] == kind for it in group)]
+        columns["modulation_strength"] = [s for _, _, s in parts if s is not None]
+        joined = {m: torch.cat(v) for m, v in columns.items()
+                  if v and len({t.shape[1] for t in v}) == 1}
+        if len(joined) == 3 and len({t.shape for t in joined.values()}) == 1:  # one call
+            self.add_group_rows(OVERALL, torch.stack([joined[m].T for m in OVERALL]),
+                                labels=labels)
+            return
+        for metric, values in columns.items():
+            if metric in joined:
+                self.add_group_rows((metric,), joined[metric].T.unsqueeze(0), labels=labels)
+            else:  # batches differ: not one sample each (add_group_rows says so)
+                for v in values:
+                    self.add_group_rows((metric,), v.T.unsqueeze(0), labels=labels)
 
     def get_summary(self) -> dict:
         """Last compact record: overall ``gamma_norm``, ``beta_norm``,

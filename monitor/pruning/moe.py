@@ -21,6 +21,10 @@ Collapse alert: when an expert's mean weight in a compact record is above
 "mean_weight", "threshold", "consecutive_records"}}`` is appended to the compact stream,
 listed in the summary and logged (logger ``monitor``) once; it re-arms when the weight
 falls back under the threshold.
+
+With ``group_names``: ``groups/{g}/{e}_weight`` and ``groups/{g}/entropy`` (one value per
+sample routed), the record's ``eta2``, and the ``routing_ignores_instruction`` alert on the
+weights' eta2 (:mod:`monitor.alerts`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from monitor import stats
+from monitor.alerts import IgnoresInstruction
 from monitor.checks import check_fraction, check_positive_int
 from monitor.observer import Observer
 from monitor.pruning.summary import pick
@@ -48,6 +53,10 @@ class MoERouterObserver(Observer):
         collapse_patience: consecutive compact records above it before the alert.
         event_interval: steps between compact records.
         detailed_interval: steps between detailed records.
+        group_names: per-task groups (see :class:`~monitor.observer.Observer`): each
+            ``{e}_weight`` and ``entropy`` gets ``groups/{group}/{m}`` and ``eta2/{m}``.
+        eta2_threshold, eta2_patience: the ``routing_ignores_instruction`` alert on the
+            eta2 of the expert weights (:mod:`monitor.alerts`; threshold None: off).
     """
 
     part = "moe"
@@ -55,14 +64,18 @@ class MoERouterObserver(Observer):
     def __init__(self, session: MonitorSession, experts: Sequence[str] = ("dino", "siglip"), *,
                  collapse_threshold: float = 0.95, collapse_patience: int = 3,
                  event_interval: int = 10, detailed_interval: int = 500,
-                 hist_edges: Sequence[float] = DEFAULT_EDGES) -> None:
+                 hist_edges: Sequence[float] = DEFAULT_EDGES,
+                 group_names: Sequence[str] | None = None,
+                 eta2_threshold: float | None = 0.01, eta2_patience: int = 5) -> None:
         collapse_threshold, collapse_patience = self.check_collapse_settings(
             collapse_threshold, collapse_patience)
         _check_experts(experts)  # before the streams are registered in the session
+        IgnoresInstruction([], eta2_threshold, eta2_patience)  # checked before, too
         super().__init__(session, event_interval=event_interval,
-                         detailed_interval=detailed_interval)
+                         detailed_interval=detailed_interval, group_names=group_names)
         self.collapse_threshold = collapse_threshold
         self.collapse_patience = collapse_patience
+        self._eta2_settings = (eta2_threshold, eta2_patience)
         self._edges = [float(e) for e in hist_edges]
         self.set_experts(experts)
 
@@ -85,6 +98,11 @@ class MoERouterObserver(Observer):
                       for e in experts]
         self._above = dict.fromkeys(experts, 0)
         self._expert_index = torch.arange(len(experts))
+        for old in getattr(self, "_group_metrics", ()):  # renamed experts: theirs go
+            self._group_slots["events"].pop(old, None)
+        self._group_metrics = tuple([f"{e}_weight" for e in experts] + ["entropy"])
+        self.declare_groups(self._group_metrics)
+        self._ignores = IgnoresInstruction(self._group_metrics[:-1], *self._eta2_settings)
 
     def observe_logits(self, logits: torch.Tensor) -> None:
         """Router logits ``(..., E)``: the weights are their softmax over the last dim."""
@@ -105,6 +123,9 @@ class MoERouterObserver(Observer):
         table = torch.cat([w, dominant, entropy], dim=1).T
         self.events.slots.update_rows(self._names, stats.rows_of_samples(table))
         self.add_to_histograms(self._hist, w.T)
+        if self.group_names is not None:
+            grouped = torch.cat([w, entropy], dim=1).T.unsqueeze(2)  # (E + 1, N, 1)
+            self.add_group_rows(self._group_metrics, grouped)
 
     def check_alerts(self, step: int, metrics: dict[str, dict]) -> list[dict]:
         alerts = []
@@ -120,7 +141,7 @@ class MoERouterObserver(Observer):
                 alerts.append({"type": "expert_collapse", "expert": e, "mean_weight": mean,
                                "threshold": self.collapse_threshold,
                                "consecutive_records": self._above[e]})
-        return alerts
+        return alerts + self._ignores.check(self.last_eta2)
 
     def get_summary(self) -> dict:
         """Last compact record: ``{e}_weight``, ``{e}_dominant``, ``entropy``, alerts."""

@@ -22,6 +22,11 @@ key                        samples (one per ...)                                
                            component's, per sample (same forward)                      detailed
 ``{c}/p_keep`` histogram   counts of candidate p_keep in fixed bins                    detailed
 =========================  ==========================================================  =======
+
+With ``group_names``: ``groups/{g}/{m}`` for each of the seven ``overall/{m}`` (one value per
+sample per forward: its mean over every layer and candidate) and the record's ``eta2``.
+Alerts (:mod:`monitor.alerts`): ``undecided_router`` (every layer's mean margin below
+``margin_threshold``) and, with groups, ``routing_ignores_instruction`` on ``p_keep``.
 """
 
 from __future__ import annotations
@@ -33,12 +38,16 @@ from typing import NamedTuple
 import torch
 
 from monitor import stats
-from monitor.observer import Observer, joined_names
+from monitor.alerts import IgnoresInstruction, UndecidedRouter
+from monitor.groups import GroupIds
+from monitor.observer import CURRENT_GROUPS, Observer, joined_names
 from monitor.pruning.summary import empty_value, pick
 from monitor.session import MonitorSession
 
 EVENT_METRICS = ("tokens_before", "tokens_after", "keep_ratio", "margin",
                  "p_keep", "p_keep_entropy", "forced_p_keep")
+SAMPLE_METRICS, TOKEN_METRICS, FORCED_METRICS = EVENT_METRICS[:4], EVENT_METRICS[4:6], \
+    EVENT_METRICS[6:]
 DEFAULT_P_EDGES = tuple(i / 20 for i in range(21))
 
 
@@ -60,6 +69,7 @@ class _RoutingCall(NamedTuple):
     kept: torch.Tensor
     forced: torch.Tensor | None
     valid: torch.Tensor | None
+    labels: GroupIds | None
 
 
 class PruningObserver(Observer):
@@ -72,6 +82,12 @@ class PruningObserver(Observer):
         event_interval: steps between compact records.
         detailed_interval: steps between detailed records.
         hist_edges: bin edges of the keep-probability histogram.
+        group_names: per-task groups (see :class:`~monitor.observer.Observer`): every
+            ``overall/{m}`` gets ``groups/{group}/{m}`` and ``eta2/{m}``.
+        margin_threshold, margin_patience, margin_warmup: the ``undecided_router`` alert
+            (:mod:`monitor.alerts`; threshold None: off).
+        eta2_threshold, eta2_patience: the ``routing_ignores_instruction`` alert on the
+            eta2 of ``p_keep`` (with groups; threshold None: off).
     """
 
     part = "lfp"
@@ -79,9 +95,17 @@ class PruningObserver(Observer):
 
     def __init__(self, session: MonitorSession, components: Sequence[str] = (), *,
                  event_interval: int = 10, detailed_interval: int = 500,
-                 hist_edges: Sequence[float] = DEFAULT_P_EDGES) -> None:
+                 hist_edges: Sequence[float] = DEFAULT_P_EDGES,
+                 group_names: Sequence[str] | None = None,
+                 margin_threshold: float | None = 1e-3, margin_patience: int = 5,
+                 margin_warmup: int = 10, eta2_threshold: float | None = 0.01,
+                 eta2_patience: int = 5) -> None:
+        undecided = UndecidedRouter(margin_threshold, margin_patience, margin_warmup)
+        ignores = IgnoresInstruction(["p_keep"], eta2_threshold, eta2_patience)
         super().__init__(session, event_interval=event_interval,
-                         detailed_interval=detailed_interval)
+                         detailed_interval=detailed_interval, group_names=group_names)
+        self._undecided, self._ignores = undecided, ignores
+        self.declare_groups(EVENT_METRICS)
         self._edges = [float(e) for e in hist_edges]
         self.components: list[str] = []
         self._names: dict[str, _ComponentSlots] = {}
@@ -135,14 +159,16 @@ class PruningObserver(Observer):
                                      f"the shape of forced_keep_prob {tuple(forced.shape)}")
                 valid = forced_valid.detach().to(torch.bool, copy=True)
         call = _RoutingCall(component, keep_prob.detach().to(stats.DTYPE, copy=True),
-                            kept.detach().to(torch.bool, copy=True), forced, valid)
+                            kept.detach().to(torch.bool, copy=True), forced, valid,
+                            self.current_groups)
         self.defer(component, self._observe_deferred, call)
 
     def _observe_deferred(self, calls: list[_RoutingCall]) -> None:
         groups: dict[tuple, list[_RoutingCall]] = {}
         for call in calls:
             key = (call.keep_prob.shape, call.keep_prob.device,
-                   None if call.forced is None else call.forced.shape, call.valid is None)
+                   None if call.forced is None else call.forced.shape, call.valid is None,
+                   id(call.labels))
             groups.setdefault(key, []).append(call)
         for group in groups.values():
             forced = [c.forced for c in group if c.forced is not None]
@@ -150,14 +176,17 @@ class PruningObserver(Observer):
             self.observe_many(  # a group shares None-ness: all or none of each are given
                 [c.component for c in group], torch.stack([c.keep_prob for c in group]),
                 torch.stack([c.kept for c in group]),
-                torch.stack(forced) if forced else None, torch.stack(valid) if valid else None)
+                torch.stack(forced) if forced else None, torch.stack(valid) if valid else None,
+                labels=group[0].labels)
 
     def observe_many(self, components: Sequence[str], keep_prob: torch.Tensor,
                      kept: torch.Tensor, forced_keep_prob: torch.Tensor | None = None,
-                     forced_valid: torch.Tensor | None = None) -> None:
+                     forced_valid: torch.Tensor | None = None, *,
+                     labels: object = CURRENT_GROUPS) -> None:
         """The routing calls of several components of one forward pass, stacked (``L``
         components, in forward order): ``(L, B, N)`` / ``(L, B, M)`` tensors as in
-        :meth:`observe`. Every statistic of every component in one batch of kernels."""
+        :meth:`observe`. Every statistic of every component in one batch of kernels.
+        ``labels``: the samples' groups (default: those of the last ``set_groups``)."""
         num_comp, _, num = keep_prob.shape
         if num == 0:
             return
@@ -186,6 +215,21 @@ class PruningObserver(Observer):
             joined_names(groups), torch.cat(rows, dim=1).reshape(-1, stats.NUM_COLS))
         self.add_to_histograms([n.hist for n in names], p.reshape(num_comp, -1))
         self._overlap(components, kept, names)
+        if self.group_names is not None:
+            self._group_rows(sample, valid, token, forced_keep_prob, forced_valid, labels)
+
+    def _group_rows(self, sample, valid, token, forced, forced_valid, labels) -> None:
+        """Each sample's values over every component, into its group's slots."""
+        num_comp, _, batch = sample.shape
+        self.add_group_rows(SAMPLE_METRICS, sample.permute(1, 2, 0), valid.permute(1, 2, 0),
+                            labels=labels)
+        tokens = token.reshape(num_comp, 2, batch, -1).permute(1, 2, 0, 3)
+        self.add_group_rows(TOKEN_METRICS, tokens.reshape(2, batch, -1), labels=labels)
+        if forced is not None and forced.numel():
+            fvalid = None if forced_valid is None else \
+                forced_valid.permute(1, 0, 2).reshape(1, batch, -1)
+            self.add_group_rows(FORCED_METRICS, forced.permute(1, 0, 2).reshape(1, batch, -1),
+                                fvalid, labels=labels)
 
     def _overlap(self, components: Sequence[str], kept: torch.Tensor,
                  names: list[_ComponentSlots]) -> None:
@@ -203,6 +247,11 @@ class PruningObserver(Observer):
         self.detailed.slots.update_rows(
             joined_names([names[i].overlap for i, _ in pairs]),
             stats.rows_of_samples(inter / union.clamp(min=1), union > 0))
+
+    def check_alerts(self, step: int, metrics: dict[str, dict]) -> list[dict]:
+        margins = {c: metrics[f"{c}/margin"]["mean"] for c in self.components
+                   if metrics.get(f"{c}/margin", {}).get("mean") is not None}
+        return self._undecided.check(margins) + self._ignores.check(self.last_eta2)
 
     def get_summary(self) -> dict:
         """The last compact record, shaped as the public CogVLA script reads it.

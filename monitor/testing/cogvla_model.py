@@ -493,6 +493,12 @@ def build_proprio_projector(
         return ProprioProjector(llm_dim=tiny.hidden_size, proprio_dim=tiny.proprio_dim)
 
 
+def task_prompt(config: TinyCogVLAConfig, task: int) -> torch.Tensor:
+    """The instruction tokens of task ``task`` (fixed: drawn from a generator seeded by it)."""
+    g = torch.Generator().manual_seed(7919 * (int(task) + 1))
+    return torch.randint(3, config.action_token_begin_idx + 1, (config.prompt_len,), generator=g)
+
+
 def synthetic_batch(
     config: TinyCogVLAConfig | None = None,
     batch_size: int = 2,
@@ -500,10 +506,16 @@ def synthetic_batch(
     *,
     pad_tokens: int = 0,
     proprio_projector: nn.Module | None = None,
+    tasks=None,
 ) -> dict[str, object]:
     """Forward kwargs for one step, laid out like OpenVLA's right-padded collator:
     input_ids = [BOS, prompt, action tokens, stop, padding]; the LLM sees
     [BOS, visual (K * images), proprio (if a projector is given), prompt, actions, stop, padding].
+
+    ``tasks`` (one int per sample, a list or a tensor): sample ``b`` gets task ``tasks[b]``'s
+    instruction, a prompt fixed per task (the same tokens in every batch, as a LIBERO task's
+    instruction is), instead of random prompt tokens; images and actions stay random. The
+    ids are what a script would pass to ``set_groups``.
 
     Odd-indexed samples get a prompt ``pad_tokens`` shorter and that many right-pad tokens.
     ``attention_mask`` is always a tensor (as from the collator); the LLM turns an all-ones
@@ -518,11 +530,17 @@ def synthetic_batch(
     pad_id = t.base_vocab_size
     input_ids = torch.full((batch_size, seq), pad_id, dtype=torch.long)
     labels = torch.full((batch_size, seq), IGNORE_INDEX, dtype=torch.long)
+    task_ids = None if tasks is None else [int(i) for i in tasks]
+    if task_ids is not None and len(task_ids) != batch_size:
+        raise ValueError(f"tasks must give one task per sample ({batch_size}), got {len(task_ids)}")
     for b in range(batch_size):
         n_pad = pad_tokens if b % 2 == 1 else 0
-        prompt = torch.randint(
-            3, t.action_token_begin_idx + 1, (t.prompt_len - n_pad,), generator=g
-        )
+        if task_ids is None:
+            prompt = torch.randint(
+                3, t.action_token_begin_idx + 1, (t.prompt_len - n_pad,), generator=g
+            )
+        else:
+            prompt = task_prompt(t, task_ids[b])[: t.prompt_len - n_pad]
         actions = torch.randint(
             t.action_token_begin_idx + 1, t.base_vocab_size, (t.num_action_tokens,), generator=g
         )

@@ -11,8 +11,9 @@ Usage (the calls the public CogVLA training script makes)::
     vla = wrap_ddp(vla, device_id, find_unused=True)
     monitor.attach(vla)                        # after DDP / LoRA wrapping
     for step ...:
-        monitor.log_step(step)                 # every micro-batch, before the forward
+        monitor.set_groups(task_ids)           # optional: with cfg.group_names (per task)
         loss = vla(**batch).loss; ...
+        monitor.log_step(step)                 # every micro-batch, after the forward
         with monitor.step(step, mode="train") as h:
             h.log(loss=loss.detach(), lr=lr, extra={"curr_action_l1_loss": l1})
     paths = monitor.finalize()                 # {"train": ..., "lfp": ..., ...}
@@ -29,9 +30,12 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
+from monitor import groups
+from monitor.alerts import IgnoresInstruction, LossSpike, UndecidedRouter
 from monitor.checks import as_int, check_bool, check_positive_int
 from monitor.integrations import add_integrations, check_extras
 from monitor.observer import Observer
@@ -101,6 +105,29 @@ class CogVLAMonitoringConfig:
     handle_signals: bool = True
     """SIGTERM/SIGINT end the run as ``"terminated"`` (meta, summaries, the values since the
     last record) before the signal goes on as it would have (``monitor.signals``)."""
+    group_names: list[str] | None = None
+    """The tasks (or any labels) of the run, identical on every rank: with them, every
+    observer keeps per-group statistics and ``eta2`` (samples labelled by ``set_groups``;
+    ``monitor.groups``). None: off, nothing changes."""
+    loss_spike_metric: str | None = "loss"
+    """Training metric of the ``loss_spike`` alert (None: off; ``monitor.alerts``)."""
+    loss_spike_k: float = 6.0
+    """A spike: the record's max above mean + k std of the window's values."""
+    loss_spike_window: int = 32
+    """Earlier train records pooled into that mean and std."""
+    loss_spike_warmup: int = 8
+    """Train records seen before the first check."""
+    lfp_margin_threshold: float | None = 1e-3
+    """``undecided_router``: every LFP layer's mean top-k margin below this (None: off)."""
+    lfp_margin_patience: int = 5
+    """Undecided compact records in a row before the alert."""
+    lfp_margin_warmup: int = 10
+    """Compact LFP records never counted, at the start."""
+    group_eta2_threshold: float | None = 0.01
+    """``routing_ignores_instruction``: eta2 of the MoE weights / LFP ``p_keep`` below this
+    (with group_names; None: off)."""
+    group_eta2_patience: int = 5
+    """Such records in a row before the alert."""
 
     def __post_init__(self) -> None:
         def name(field_name: str) -> str:
@@ -137,6 +164,16 @@ class CogVLAMonitoringConfig:
         if len(set(layers)) != len(layers):
             raise ValueError(f"{name('film_sample_layers')} has duplicates: {layers}")
         self.film_sample_layers = layers
+        names = groups.check_group_names(self.group_names, name("group_names"))
+        self.group_names = None if names is None else list(names)
+        LossSpike(self.loss_spike_metric, self.loss_spike_k, self.loss_spike_window,
+                  self.loss_spike_warmup, names=[name(f"loss_spike_{f}") for f in
+                                                 ("metric", "k", "window", "warmup")])
+        UndecidedRouter(self.lfp_margin_threshold, self.lfp_margin_patience,
+                        self.lfp_margin_warmup, names=[name(f"lfp_margin_{f}") for f in
+                                                       ("threshold", "patience", "warmup")])
+        IgnoresInstruction([], self.group_eta2_threshold, self.group_eta2_patience,
+                           names=[name("group_eta2_threshold"), name("group_eta2_patience")])
 
 
 class CogVLAMonitoring(FinishesOnExit):
@@ -167,22 +204,27 @@ class CogVLAMonitoring(FinishesOnExit):
                                       handle_signals=cfg.handle_signals)
         events, detailed = cfg.pruning_event_log_interval, cfg.detailed_log_interval
         s = self.session
-        self.train_monitor = Monitor(session=s, log_interval=cfg.monitor_log_interval) \
-            if cfg.enable_train_monitor else None
+        self.train_monitor = Monitor(
+            session=s, log_interval=cfg.monitor_log_interval,
+            spike_metric=cfg.loss_spike_metric, spike_k=cfg.loss_spike_k,
+            spike_window=cfg.loss_spike_window, spike_warmup=cfg.loss_spike_warmup,
+        ) if cfg.enable_train_monitor else None
+        common: dict[str, Any] = {"event_interval": events, "detailed_interval": detailed,
+                  "group_names": cfg.group_names}
+        eta2: dict[str, Any] = {"eta2_threshold": cfg.group_eta2_threshold,
+                "eta2_patience": cfg.group_eta2_patience}
         self.lfp_observer = PruningObserver(
-            s, event_interval=events, detailed_interval=detailed,
+            s, margin_threshold=cfg.lfp_margin_threshold,
+            margin_patience=cfg.lfp_margin_patience, margin_warmup=cfg.lfp_margin_warmup,
+            **eta2, **common,
         ) if cfg.enable_lfp_monitor else None
-        self.film_observer = FiLMObserver(
-            s, event_interval=events, detailed_interval=detailed,
-        ) if cfg.enable_film_monitor else None
+        self.film_observer = FiLMObserver(s, **common) if cfg.enable_film_monitor else None
         self.moe_observer = MoERouterObserver(
             s, collapse_threshold=cfg.moe_collapse_threshold,
-            collapse_patience=cfg.moe_collapse_patience, event_interval=events,
-            detailed_interval=detailed,
+            collapse_patience=cfg.moe_collapse_patience, **eta2, **common,
         ) if cfg.enable_moe_monitor else None
-        self.aggr_observer = AggregationObserver(
-            s, event_interval=events, detailed_interval=detailed,
-        ) if cfg.enable_aggr_monitor else None
+        self.aggr_observer = AggregationObserver(s, **common) if cfg.enable_aggr_monitor \
+            else None
         add_integrations(s, tensorboard=cfg.enable_tensorboard, wandb=cfg.enable_wandb,
                          wandb_project=cfg.wandb_project, console=cfg.console,
                          samples_per_step=cfg.console_samples_per_step,
@@ -249,8 +291,35 @@ class CogVLAMonitoring(FinishesOnExit):
             return CogVLAAggregationAdapter(obs)
         raise TypeError(f"no CogVLA adapter for the {part!r} observer {type(obs).__name__}")
 
+    def set_groups(self, ids: object) -> None:
+        """Label the samples of the next forward(s) for every observer: one index into
+        ``cfg.group_names`` per sample (a list of ints, or a CPU or CUDA integer tensor),
+        in effect until the next call; ``None`` labels nothing. Call it before the forward.
+        No host sync (a tensor is checked on its device: ``monitor.groups``).
+
+        Raises:
+            ValueError: no ``group_names`` in the config; an id outside them in a list; or
+                ids outside them in a tensor given before the last records (once, on every
+                rank: the records and an ``invalid_group_ids`` alert say where).
+            TypeError: the ids are not ints.
+        """
+        errors = [obs.take_group_error() for obs in self.observers.values()]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+        if ids is None:
+            for obs in self.observers.values():
+                obs.set_groups(None)
+            return
+        if self.cfg.group_names is None:
+            raise ValueError("set_groups() needs CogVLAMonitoringConfig(group_names=[...]): "
+                             "the labels the ids index")
+        labels = groups.make_group_ids(ids, len(self.cfg.group_names))
+        for obs in self.observers.values():
+            obs.set_groups(labels)
+
     def log_step(self, step: int) -> None:
-        """The run is at ``step`` (every micro-batch, before its forward)."""
+        """The run is at ``step`` (every micro-batch, after its forward)."""
         if self.train_monitor is not None:
             self.train_monitor.log_step(step)
         elif self._paths is None:

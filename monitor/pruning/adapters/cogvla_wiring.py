@@ -217,8 +217,8 @@ class CogVLALfpAdapter:
             # the layer only reads these (never in place): held until the pass is drained
             logits = logits.detach()
             mask = mask if isinstance(mask, torch.Tensor) else None
-            item = (component, nv, float(layer.router_factor), mask, logits,
-                    observer.inplace_version(logits))
+            item = (component, nv, float(layer.router_factor), mask, observer.current_groups,
+                    logits, observer.inplace_version(logits))
             observer.defer(("router", component), self._routing_pass, item)
 
         return on_router
@@ -228,12 +228,12 @@ class CogVLALfpAdapter:
         statistics batched over layers; the top-k per layer, as each layer calls it."""
         groups: dict[tuple, list[tuple]] = {}
         for item in self.observer.unchanged(items):
-            _, nv, _, mask, logits, _ = item
-            groups.setdefault((logits.shape, logits.dtype, logits.device, nv, id(mask)),
-                              []).append(item)
+            _, nv, _, mask, labels, logits, _ = item
+            groups.setdefault((logits.shape, logits.dtype, logits.device, nv, id(mask),
+                               id(labels)), []).append(item)
         for group in groups.values():
-            _, nv, _, mask, _, _ = group[0]
-            p_keep, kept = lfp_selection_many(torch.stack([it[4] for it in group]), nv,
+            _, nv, _, mask, labels, _, _ = group[0]
+            p_keep, kept = lfp_selection_many(torch.stack([it[5] for it in group]), nv,
                                               [it[2] for it in group])
             pad = padding_of(mask, p_keep.shape[1], p_keep.shape[2])
             forced = torch.cat([p_keep[:, :, :1], p_keep[:, :, 1 + nv:]], dim=2)
@@ -242,7 +242,7 @@ class CogVLALfpAdapter:
                 valid = ~torch.cat([pad[:, :1], pad[:, 1 + nv:]], dim=1)
                 valid = valid.unsqueeze(0).expand(forced.shape)
             self.observer.observe_many([it[0] for it in group], p_keep[:, :, 1:1 + nv],
-                                       kept[:, :, 1:1 + nv], forced, valid)
+                                       kept[:, :, 1:1 + nv], forced, valid, labels=labels)
 
 
 def lfp_selection_many(router_logits: torch.Tensor, num_visual: int,
