@@ -183,7 +183,9 @@ def _world_rows(target, world: int, *args) -> list[dict]:
     and return the rows rank 0 puts on ``out`` (the ranks are killed if they hang). The
     ranks fork from a server that imported torch once (not a fresh interpreter each)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "monitor"])
+    # torchmetrics too (3-4 s to import): once in the server, not in every rank of every
+    # world; a name that does not import is skipped
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "monitor", "torchmetrics"])
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         procs = [ctx.Process(target=target,
@@ -416,7 +418,7 @@ def bench_overhead(steps: int, batch_size: int, threads: int) -> dict:
         mon = CogVLAMonitoring(run_dir=f"{tmp}/run", run_id="bench", config_name="bench",
                                cfg=CogVLAMonitoringConfig(participation="local"))
         hooks = mon.attach(models[0])
-        warmup = 1 if QUICK else 2
+        warmup = 0 if QUICK else 2  # --quick: a smoke run, its times are not figures
         times: dict[str, list[float]] = {"on": [], "off": []}
         hook_ms = []
         for i in range(warmup + steps):
