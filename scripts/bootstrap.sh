@@ -2,7 +2,7 @@
 # the CPU build of torch 2.13.0 that lies on this kind of machine's disk (never a CUDA
 # download: torch is pinned exactly, in the same pip command as every extra). Installs the
 # test tools and every optional extra (tensorboard, wandb, matplotlib, pandas, peft), which
-# the suite tests. Idempotent; a second run installs nothing new.
+# the suite tests. Idempotent; a second run installs nothing new (and skips pip: a stamp).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -12,7 +12,18 @@ if [ ! -x "$VENV/bin/python" ]; then
         || { echo "monitor needs Python >= 3.10 (found $("$PYTHON_BIN" --version))" >&2; exit 1; }
     "$PYTHON_BIN" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    "torch==2.13.0" -e "$ROOT[dev,all]"
-"$VENV/bin/python" -c 'import torch, monitor' \
-    || { echo "bootstrap failed: torch/monitor do not import from $VENV" >&2; exit 1; }
+# pip's own check of an up-to-date venv takes 15-60 s: skip it when the venv was set up
+# from this very pyproject.toml and bootstrap.sh (a stamp of both) and still imports torch
+# and this checkout's monitor
+STAMP="$VENV/.bootstrap-stamp"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh" | cksum)"
+imports() {
+    "$VENV/bin/python" -c 'import sys, torch, monitor
+sys.exit(not monitor.__file__.startswith(sys.argv[1]))' "$ROOT/" 2>/dev/null
+}
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! imports; then
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "torch==2.13.0" -e "$ROOT[dev,all]"
+    imports || { echo "bootstrap failed: torch/monitor do not import from $VENV" >&2; exit 1; }
+    echo "$WANT" > "$STAMP"
+fi
