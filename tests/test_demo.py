@@ -23,7 +23,7 @@ def run_demo(tmp_path, torchrun: bool, steps: int, *extra: str, env_extra=None) 
     cmd = launcher + [str(ROOT / "scripts" / "demo_train.py"), "--run-dir", str(run_dir),
                       "--run-id", "demo", "--steps", str(steps), "--log-interval", "4",
                       "--event-interval", "2", "--detailed-interval", "4", "--image-size", "16",
-                      *extra]
+                      "--tasks", "4", *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     env.update(env_extra or {})
@@ -137,7 +137,7 @@ def test_readme_commands_take_the_demo_to_tensorboard_wandb_offline_and_the_repo
     assert report_main(["report", str(run_dir)]) == 0
     assert "== lfp: 4 records, steps 0..5" in capsys.readouterr().out
     assert sorted(p.name for p in (run_dir / "report").glob("*.png")) == [
-        "film.png", "groups.png", "lfp.png", "moe.png", "train.png"]  # the demo's 40 tasks
+        "film.png", "groups.png", "lfp.png", "moe.png", "train.png"]  # the demo's tasks
 
 
 @pytest.mark.slow
