@@ -34,7 +34,9 @@ def public_script(rank, world_size, run_dir, steps, grad_accumulation_steps, mon
                     enable_aggr_monitor=True, monitor_log_interval=2,
                     detailed_log_interval=4, pruning_event_log_interval=2,
                     enable_tensorboard=False, film_sample_layers=[0, 9, 18, 26],
-                    participation_timeout=3.0))
+                    # the whole wait when only rank 0 monitors (no one else can come):
+                    # short there; room for a slow rank 1 when every rank monitors
+                    participation_timeout=3.0 if len(monitor_ranks) == world_size else 1.0))
             monitor.attach(vla)
     train_monitor = monitor.train_monitor if monitor else None
     observers = [o for o in (monitor.lfp_observer, monitor.film_observer, monitor.moe_observer,
