@@ -12,7 +12,7 @@ flush     K = 10 .. 10,000 scalar metrics on 2 and 3 gloo ranks (same process gr
           values): time per flush and collectives per flush for ``monitor`` (one log
           interval per step), for a per-key ``all_reduce`` loop (what Lightning's
           ``sync_dist`` does per logged key) and for torchmetrics ``MeanMetric`` objects
-          synced per key (skipped when torchmetrics is not installed). Medians; ratios.
+          synced per key (skipped when torchmetrics is not installed, and in --quick). Medians; ratios.
 overhead  The CogVLA stand-in at the real hook shapes that it can reach on a CPU (batch 16,
           2 images, K = 64 aggregation tokens per image: 128 visual tokens into the 24 LFP
           routers, 256 patches per image), trained with the facade fully on (every part,
@@ -80,7 +80,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- flush cost ------------------------------------------------------------------------------
 
 def _flush_rank(rank: int, world: int, store_path: str, run_dir: str, ks: list[int],
-                reps: dict, out) -> None:
+                reps: dict, quick: bool, out) -> None:
     torch.set_num_threads(1)
     logging.getLogger("monitor").setLevel(logging.WARNING)  # no console line per flush
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
@@ -88,11 +88,14 @@ def _flush_rank(rank: int, world: int, store_path: str, run_dir: str, ks: list[i
     from monitor import Monitor
     from monitor.testing.probes import count_collectives
 
-    try:
-        import torchmetrics
-    except ImportError:
-        torchmetrics = None
+    torchmetrics = None
+    if not quick:  # a smoke run: its 3-4 s import buys no count
+        try:
+            import torchmetrics
+        except ImportError:
+            pass
     counter = count_collectives()
+    tm_skipped = "skipped in --quick" if quick else None
     reducing = _time_reductions()
     rows = []
     for k in ks:
@@ -131,7 +134,9 @@ def _flush_rank(rank: int, world: int, store_path: str, run_dir: str, ks: list[i
             times.append(time.perf_counter() - t0)
         row["per_key_ms"] = statistics.median(times) * 1e3
         row["per_key_collectives"] = (counter["n"] - before) / n_slow
-        if torchmetrics is None:
+        if tm_skipped:
+            row["torchmetrics"] = tm_skipped
+        elif torchmetrics is None:
             row["torchmetrics"] = "not installed"
         elif k >= 10_000 and world > 2:  # ~70 s a flush on 2 cores
             row["torchmetrics"] = "skipped"
@@ -183,9 +188,10 @@ def _world_rows(target, world: int, *args) -> list[dict]:
     and return the rows rank 0 puts on ``out`` (the ranks are killed if they hang). The
     ranks fork from a server that imported torch once (not a fresh interpreter each)."""
     ctx = mp.get_context("forkserver")
-    # torchmetrics too (3-4 s to import): once in the server, not in every rank of every
-    # world; a name that does not import is skipped
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "monitor", "torchmetrics"])
+    # torchmetrics too (3-4 s to import; not in --quick): once in the server, not in every
+    # rank of every world; a name that does not import is skipped
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "monitor",
+                                *([] if QUICK else ["torchmetrics"])])
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         procs = [ctx.Process(target=target,
@@ -208,7 +214,7 @@ def bench_flush(ranks: list[int], ks: list[int], quick: bool) -> list[dict]:
     reps = {str(k): (3, 3) if quick else (15, 2) if k >= 10_000 else (15, 9) for k in ks}
     results = []
     for world in ranks:
-        rows = _world_rows(_flush_rank, world, ks, reps)
+        rows = _world_rows(_flush_rank, world, ks, reps, quick)
         for row in rows:
             row["per_key_over_monitor"] = row["per_key_ms"] / row["monitor_ms"]
             row["per_key_over_monitor_reduce"] = row["per_key_ms"] / row["monitor_reduce_ms"]
