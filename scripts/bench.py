@@ -12,7 +12,8 @@ flush     K = 10 .. 10,000 scalar metrics on 2 and 3 gloo ranks (same process gr
           values): time per flush and collectives per flush for ``monitor`` (one log
           interval per step), for a per-key ``all_reduce`` loop (what Lightning's
           ``sync_dist`` does per logged key) and for torchmetrics ``MeanMetric`` objects
-          synced per key (skipped when torchmetrics is not installed, and in --quick). Medians; ratios.
+          synced per key (skipped when torchmetrics is not installed, and in --quick).
+          Medians; ratios.
 overhead  The CogVLA stand-in at the real hook shapes that it can reach on a CPU (batch 16,
           2 images, K = 64 aggregation tokens per image: 128 visual tokens into the 24 LFP
           routers, 256 patches per image), trained with the facade fully on (every part,
