@@ -32,26 +32,12 @@ raises; the part writes them as alert records (``{"step", "time", "world_size", 
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Sequence
 
 from monitor.checks import as_int, check_positive_int, check_positive_number
 from monitor.groups import informative
-
-
-def _pool(moments) -> tuple[int, float, float]:
-    """``(count, mean, M2)`` of the union of sample sets given as such triples (exact)."""
-    n, mean, m2 = 0, 0.0, 0.0
-    for k, k_mean, k_m2 in moments:
-        if not k:
-            continue
-        total = n + k
-        delta = k_mean - mean
-        mean += delta * k / total
-        m2 += k_m2 + delta * delta * n * k / total
-        n = total
-    return n, mean, m2
+from monitor.records import combine_values
 
 
 class LossSpike:
@@ -74,7 +60,7 @@ class LossSpike:
         self.k = check_positive_number(names[1], k)
         self.window = check_positive_int(names[2], window)
         self.warmup = check_positive_int(names[3], warmup)
-        self._past: deque[tuple[int, float, float]] = deque(maxlen=self.window)
+        self._past: deque[dict] = deque(maxlen=self.window)  # the records' value objects
         self._seen = 0
 
     def settings(self) -> dict:
@@ -88,9 +74,9 @@ class LossSpike:
         if value is None or value.get("mean") is None:
             return []
         alerts = []
-        n, mean, m2 = _pool(self._past)
-        if self._seen >= self.warmup and n > 0:
-            std = math.sqrt(max(m2 / n, 0.0))
+        pooled = combine_values(self._past)
+        if self._seen >= self.warmup and pooled["count"] > 0:
+            mean, std = pooled["mean"], pooled["std"]
             threshold = mean + self.k * std
             if value["max"] > threshold:
                 alerts.append({"type": "loss_spike", "metric": self.metric,
@@ -105,9 +91,7 @@ class LossSpike:
         """Add a record's value to the window without checking it (resume)."""
         if value.get("mean") is None or not value.get("count"):
             return
-        std = value.get("std") or 0.0
-        self._past.append((int(value["count"]), float(value["mean"]),
-                           std * std * value["count"]))
+        self._past.append({k: value.get(k) for k in ("count", "mean", "std", "min", "max")})
         self._seen += 1
 
 

@@ -92,21 +92,6 @@ def key(group: str, metric: str) -> str:
     return f"{PREFIX}{group}/{metric}"
 
 
-def is_group_key(name: str) -> bool:
-    return name.startswith(PREFIX)
-
-
-def split_key(name: str) -> tuple[str, str] | None:
-    """``(group, metric)`` of a group key (a group name holds no ``/``), or None."""
-    if not name.startswith(PREFIX):
-        return None
-    rest = name[len(PREFIX):]
-    group, sep, metric = rest.partition("/")
-    if not sep or not metric:
-        return None
-    return group, metric
-
-
 @dataclass(frozen=True)
 class GroupIds:
     """One ``set_groups()`` call's labels, ready for the hooks (never changed afterwards,
@@ -238,4 +223,4 @@ def informative(eta2: dict) -> bool:
 
 
 __all__ = ["INVALID", "PREFIX", "GroupIds", "check_group_names", "eta2_values", "informative",
-           "key", "make_group_ids", "split_key"]
+           "key", "make_group_ids"]

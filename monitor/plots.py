@@ -12,9 +12,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from monitor.integrations.names import combine
 from monitor.readback import PartLog, RunLog
-from monitor.records import GROUP_PREFIX
+from monitor.records import GROUP_PREFIX, combine_values
 
 ALERT_STYLE = {"color": "tab:red", "linestyle": "--", "linewidth": 1.0, "alpha": 0.7}
 
@@ -186,7 +185,7 @@ GROUP_PANELS = (("moe", "siglip_weight", "MoE SigLIP weight", "tab:orange"),
 
 def _pooled_by_group(log: PartLog, metric: str, names: list[str]) -> list[dict]:
     """Per group, the value object of ``metric`` pooled over every record (exact moments)."""
-    return [combine([rec["metrics"][f"{GROUP_PREFIX}{g}/{metric}"] for rec in log.records
+    return [combine_values([rec["metrics"][f"{GROUP_PREFIX}{g}/{metric}"] for rec in log.records
                      if f"{GROUP_PREFIX}{g}/{metric}" in rec.get("metrics", {})])
             for g in names]
 
@@ -244,7 +243,7 @@ def plot_groups(plt, run: RunLog, path: Path) -> Path | None:
         # dots, not bars from 0: tasks differ in the third digit of a weight near 0.5
         ax.errorbar([pooled[i]["mean"] for i in ys], ys, xerr=[pooled[i]["std"] for i in ys],
                     fmt="o", color=colour, markersize=4, elinewidth=0.9, capsize=2)
-        overall = combine(pooled)
+        overall = combine_values(pooled)
         if overall["mean"] is not None:
             ax.axvline(overall["mean"], color="black", linewidth=0.8, linestyle=":",
                        label="all groups")

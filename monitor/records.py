@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -235,3 +235,26 @@ class SummaryTracker:
             "error": error,
             "metrics": self.modes,
         }
+
+
+def combine_values(values: Iterable[dict]) -> dict:
+    """The value object of the union of the samples behind ``values`` (exact: population
+    moments combined through their counts)."""
+    n, mean, m2 = 0, 0.0, 0.0
+    lo, hi, bad = math.inf, -math.inf, 0
+    for v in values:
+        bad += v.get("nonfinite") or 0
+        k = v.get("count") or 0
+        if not k or v.get("mean") is None:
+            continue
+        delta = v["mean"] - mean
+        total = n + k
+        mean += delta * k / total
+        m2 += (v["std"] or 0.0) ** 2 * k + delta * delta * n * k / total
+        n = total
+        lo, hi = min(lo, v["min"]), max(hi, v["max"])
+    if not n:
+        return {"mean": None, "std": None, "min": None, "max": None, "count": 0,
+                "nonfinite": bad}
+    return {"mean": mean, "std": math.sqrt(max(m2 / n, 0.0)), "min": lo, "max": hi,
+            "count": n, "nonfinite": bad}

@@ -57,9 +57,10 @@ entries carry the alert's ``nonfinite_ranks``.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator
+
+from monitor.records import combine_values
 
 MODES = ("train", "eval", "val", "test")
 SCALAR_FIELDS = ("mean", "std", "min", "max")
@@ -146,7 +147,7 @@ def scalars(part: str, kind: str, record: dict, export_all: bool = False
         before, after = group.split(f"{LAYERS}/", 1)
         if not before and f"overall/{after}" in metrics:
             continue  # the record's own overall value is this combination
-        for field, v in _fields(combine(values)):
+        for field, v in _fields(combine_values(values)):
             yield name(base, group, field), v
     if nonfinite:
         yield name(base, RECORD, "nonfinite"), nonfinite
@@ -196,29 +197,6 @@ def layer_group(key: str) -> str | None:
     if m is None:
         return None
     return f"{m.group('before')}{LAYERS}{m.group('after')}"
-
-
-def combine(values: list[dict]) -> dict:
-    """The value object of the union of the samples behind ``values`` (exact: population
-    moments combined through their counts)."""
-    n, mean, m2 = 0, 0.0, 0.0
-    lo, hi, bad = math.inf, -math.inf, 0
-    for v in values:
-        bad += v.get("nonfinite") or 0
-        k = v.get("count") or 0
-        if not k or v.get("mean") is None:
-            continue
-        delta = v["mean"] - mean
-        total = n + k
-        mean += delta * k / total
-        m2 += (v["std"] or 0.0) ** 2 * k + delta * delta * n * k / total
-        n = total
-        lo, hi = min(lo, v["min"]), max(hi, v["max"])
-    if not n:
-        return {"mean": None, "std": None, "min": None, "max": None, "count": 0,
-                "nonfinite": bad}
-    return {"mean": mean, "std": math.sqrt(max(m2 / n, 0.0)), "min": lo, "max": hi,
-            "count": n, "nonfinite": bad}
 
 
 def sum_histograms(hists: list[dict]) -> dict | None:
