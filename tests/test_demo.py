@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tree import tree
+from tree import tensorboard_dir, tree
 
 from monitor.__main__ import main as report_main
 from monitor.layout import LOCK_NAME, TENSORBOARD, TRAIN, RunLayout, folder_of
@@ -44,10 +44,10 @@ def check_tree(run_dir: Path, world_size: int, steps: int, extra=()) -> None:
                      for p in PARTS})
     has_tb = importlib.util.find_spec("tensorboard") is not None  # the demo's default
     found = {d.name: sorted(f.name for f in d.iterdir()) for d in run_dir.iterdir()
-             if d.name not in ("tensorboard", *extra)}
+             if d.name not in (TENSORBOARD, *extra)}
     assert found == expected
     if has_tb:
-        assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+        assert len(list(tensorboard_dir(run_dir).glob("events.out.tfevents.*"))) == 1
     train = demo.records()
     assert [r["step"] for r in train] == [0, 4, steps - 1]
     assert all(r["world_size"] == world_size for r in train)
@@ -125,7 +125,7 @@ def test_readme_commands_take_the_demo_to_tensorboard_wandb_offline_and_the_repo
     run_dir = run_demo(tmp_path, True, 6, "--wandb", env_extra=env)
     check_tree(run_dir, world_size=2, steps=6, extra=("wandb",))
     train = tree(run_dir, "demo").records()
-    loss = [e.value for e in event_accumulator(run_dir / "tensorboard").Scalars(
+    loss = [e.value for e in event_accumulator(tensorboard_dir(run_dir)).Scalars(
         "monitor/train/loss/mean")]
     assert loss == [pytest.approx(r["metrics"]["loss"]["mean"]) for r in train]
     (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from tree import tree
+from tree import tensorboard_dir, tree
 from wandb_helpers import wandb_history, wandb_offline
 
 from monitor import Monitor, MonitorSession
@@ -215,7 +215,7 @@ def event_accumulator(path):
 def test_tensorboard_events_carry_the_jsonl_values_under_monitor_names(tmp_path):
     pytest.importorskip("tensorboard")
     run = run_cogvla(tmp_path, steps=4, enable_tensorboard=True)
-    ea = event_accumulator(run / "tensorboard")
+    ea = event_accumulator(tensorboard_dir(run))
     tags = ea.Tags()
     train = tree(run, "r").records()
     loss = [(e.step, e.value) for e in ea.Scalars("monitor/train/loss/mean")]
@@ -257,9 +257,9 @@ def test_tensorboard_on_resume_hides_the_dead_segments_overlap(tmp_path):
     assert second.session.meta["resumed"] is True
     train_steps(second, range(10, 31), value=lambda s: 2.0)
     second.finalize()
-    assert len(list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert len(list(tensorboard_dir(tmp_path / "r").glob("events.out.tfevents.*"))) == 2
     loss = [(e.step, e.value) for e in
-            event_accumulator(tmp_path / "r" / "tensorboard").Scalars("monitor/train/loss/mean")]
+            event_accumulator(tensorboard_dir(tmp_path / "r")).Scalars("monitor/train/loss/mean")]
     assert loss == [(0, 1.0), (5, 1.0), (10, 2.0), (15, 2.0), (20, 2.0), (25, 2.0), (30, 2.0)]
 
 

@@ -19,7 +19,7 @@ import pytest
 import reliability_workers
 import torch
 from harness import run_world
-from tree import tree
+from tree import lock_file, tree
 from workers import read_records
 
 from monitor import Monitor
@@ -104,7 +104,7 @@ def test_a_crash_keeps_every_flushed_record_and_writes_failed_with_the_error_typ
     for part in (TRAIN, *PARTS):
         summary = tree(run_dir, "run").summary(part)
         assert (summary["status"], summary["error"]) == ("failed", "ZeroDivisionError"), part
-    assert not (run_dir / ".monitor.lock").exists()  # released by the exit handler too
+    assert not lock_file(run_dir).exists()  # released by the exit handler too
 
 
 def test_an_exit_without_finalize_and_without_error_is_marked_incomplete(tmp_path):
@@ -537,9 +537,9 @@ def test_sessions_of_one_process_share_the_lock_and_the_last_one_releases_it(tmp
     train = Monitor(run_dir=tmp_path / "r", run_id="train")
     evals = Monitor(run_dir=tmp_path / "r", run_id="eval", participation="local")
     train.finalize()
-    assert (tmp_path / "r" / ".monitor.lock").exists()
+    assert lock_file(tmp_path / "r").exists()
     evals.finalize()
-    assert not (tmp_path / "r" / ".monitor.lock").exists()
+    assert not lock_file(tmp_path / "r").exists()
 
 
 @pytest.mark.slow

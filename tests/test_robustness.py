@@ -16,7 +16,7 @@ import reliability_workers
 import torch
 from harness import run_world
 from test_reliability import SCRIPT, WAIT_S, script
-from tree import tree
+from tree import lock_file, tree
 
 from monitor import Monitor
 from monitor.layout import TRAIN, RunLayout
@@ -81,7 +81,7 @@ def test_every_file_and_folder_the_monitor_creates_honours_the_umask(tmp_path, u
             monitor_log_interval=1, pruning_event_log_interval=1, detailed_log_interval=1,
             film_sample_layers=[0], console=False))
         mon.attach(model)
-        lock_mode = stat.S_IMODE((run_dir / ".monitor.lock").stat().st_mode)
+        lock_mode = stat.S_IMODE(lock_file(run_dir).stat().st_mode)
         for step in range(2):
             mon.log_step(step)
             with torch.no_grad():

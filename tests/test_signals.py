@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tree import tree
+from tree import lock_file, tree
 
 from monitor import Monitor
 from monitor.layout import TRAIN
@@ -55,7 +55,7 @@ def assert_terminated(run_dir: Path, name: str, parts=(TRAIN,)) -> dict:
         if part != TRAIN:
             records += tree(run_dir, "run").detailed(part)
         assert summary["records_written"] == len([r for r in records if "metrics" in r]), part
-    assert not (run_dir / ".monitor.lock").exists()  # released
+    assert not lock_file(run_dir).exists()  # released
     return meta
 
 

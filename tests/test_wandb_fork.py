@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tree import tree
+from tree import tensorboard_dir, tree
 from wandb_helpers import wandb_history, wandb_offline
 
 from monitor.integrations import names
@@ -158,7 +158,7 @@ def test_the_default_export_stays_within_200_scalar_keys_with_every_part_on(fork
     assert "monitor/lfp/~layers/p_keep/mean_hist" in hists
     assert "monitor/lfp/~layers/p_keep/hist" in hists
     ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    ea = ea_mod.EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    ea = ea_mod.EventAccumulator(str(tensorboard_dir(run_dir)), size_guidance={"scalars": 0})
     ea.Reload()
     tags = ea.Tags()["scalars"]
     assert set(tags) == scalars - {f"monitor/{p}/step" for p in

@@ -8,7 +8,7 @@ import pytest
 import torch
 from harness import run_world
 from test_cogvla import train
-from tree import tree
+from tree import tensorboard_dir, tree
 from workers import read_jsonl
 
 from monitor.pruning.adapters.cogvla import CogVLAMonitoring, CogVLAMonitoringConfig
@@ -121,7 +121,7 @@ def test_ddp_and_fsdp_wrapped_models_give_clean_keys_and_rank0_alone_writes(tmp_
             "dino/compression_ratio"} <= set(keys)
     rec = tree(run_dir, "r").records("moe")[0]
     assert rec["world_size"] == 2 and rec["metrics"]["entropy"]["count"] == 8  # 2 ranks x 2 x 2
-    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert len(list(tensorboard_dir(run_dir).glob("events.out.tfevents.*"))) == 1
 
 
 def test_paths_of_walks_once_and_matches_path_of_wrapped_or_not():

@@ -8,7 +8,15 @@ import json
 import os
 from pathlib import Path
 
-from monitor.layout import TRAIN, RunLayout, folder_of, read_records, validate_part
+from monitor.layout import (
+    LOCK_NAME,
+    TENSORBOARD,
+    TRAIN,
+    RunLayout,
+    folder_of,
+    read_records,
+    validate_part,
+)
 
 KINDS = ("stream", "detailed", "summary", "meta")
 """The files of the tree a test names: a part's main JSONL, its detailed JSONL, its summary,
@@ -66,3 +74,13 @@ class Tree:
 def tree(run_dir: str | os.PathLike, run_id: str) -> Tree:
     """The log tree of run ``run_id`` written under ``run_dir`` (``runs/{run_id}``)."""
     return Tree(run_dir, run_id)
+
+
+def tensorboard_dir(run_dir: str | os.PathLike) -> Path:
+    """The run folder's TensorBoard event folder (every run id and resumed segment's)."""
+    return Path(run_dir) / TENSORBOARD
+
+
+def lock_file(run_dir: str | os.PathLike) -> Path:
+    """The run folder's lock file, held while a monitor writes there."""
+    return Path(run_dir) / LOCK_NAME

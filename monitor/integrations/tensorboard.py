@@ -18,6 +18,7 @@ import json
 import numpy as np
 
 from monitor.integrations import check_extras, names
+from monitor.layout import TENSORBOARD
 from monitor.session import MonitorSession
 
 
@@ -28,7 +29,7 @@ class TensorBoardListener:
         check_extras(tensorboard=True)
         self.session = session
         self.export_all = export_all
-        self.log_dir = session.files.path("tensorboard")
+        self.log_dir = session.files.path(TENSORBOARD)
         self._writer = None
         self._closed = False
 
