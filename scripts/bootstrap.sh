@@ -23,7 +23,7 @@ sys.exit(not monitor.__file__.startswith(sys.argv[1]))' "$ROOT/" 2>/dev/null
 }
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! imports; then
     # pip byte-compiles every file it installs on one core (torch alone: thousands);
-    # compileall does the same on every core: 95-127 s -> 70-90 s on 2 cores. The .pyc
+    # compileall does the same on every core: 95-127 s -> 87-101 s on 2 cores. The .pyc
     # files must exist: where PYTHONDONTWRITEBYTECODE is set, imports would never write them
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile \
         "torch==2.13.0" -e "$ROOT[dev,all]"
