@@ -96,7 +96,6 @@ def _flush_rank(rank: int, world: int, store_path: str, run_dir: str, ks: list[i
         except ImportError:
             pass
     counter = count_collectives()
-    tm_skipped = "skipped in --quick" if quick else None
     reducing = _time_reductions()
     rows = []
     for k in ks:
@@ -135,8 +134,8 @@ def _flush_rank(rank: int, world: int, store_path: str, run_dir: str, ks: list[i
             times.append(time.perf_counter() - t0)
         row["per_key_ms"] = statistics.median(times) * 1e3
         row["per_key_collectives"] = (counter["n"] - before) / n_slow
-        if tm_skipped:
-            row["torchmetrics"] = tm_skipped
+        if quick:
+            row["torchmetrics"] = "skipped in --quick"
         elif torchmetrics is None:
             row["torchmetrics"] = "not installed"
         elif k >= 10_000 and world > 2:  # ~70 s a flush on 2 cores
